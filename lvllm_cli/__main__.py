@@ -1,0 +1,3 @@
+from lvllm_cli.cli import main
+
+main()
