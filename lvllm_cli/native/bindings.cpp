@@ -1,17 +1,108 @@
-// Python bindings of the lk_moe engine (nanobind; no torch headers).
+// Python bindings of the lk_moe engine (nanobind; no torch headers: arrays
+// arrive through DLPack, so one build serves every torch version).
 #include <nanobind/nanobind.h>
+#include <nanobind/ndarray.h>
+#include <nanobind/stl/pair.h>
+#include <nanobind/stl/shared_ptr.h>
 #include <nanobind/stl/string.h>
+#include <nanobind/stl/vector.h>
+
+#include <stdexcept>
 
 #include "cpu_features.h"
+#include "engine.h"
+#include "hostfn.h"
+#include "numa_mem.h"
 
 namespace nb = nanobind;
+using namespace nb::literals;
 
 #ifndef LK_BUILD_FLAGS
 #define LK_BUILD_FLAGS "portable"
 #endif
 
+namespace {
+
+using Array = nb::ndarray<nb::device::cpu, nb::c_contig>;
+using AnyArray = nb::ndarray<nb::device::cpu>;
+
+lk::DType parse_dtype(const std::string& s) {
+  if (s == "bfloat16" || s == "bf16") return lk::DType::bf16;
+  if (s == "float16" || s == "f16" || s == "half") return lk::DType::f16;
+  if (s == "float32" || s == "f32" || s == "float") return lk::DType::f32;
+  throw nb::value_error(("unknown dtype '" + s + "' (expected bfloat16, float16 or float32)").c_str());
+}
+
+// Element type of a float array; `raw16` names the type of uint16 bit patterns.
+lk::DType float_dtype(const AnyArray& a, const char* what, const std::string& raw16 = "") {
+  auto d = a.dtype();
+  if (d.lanes != 1) throw nb::type_error((std::string(what) + ": vector dtypes are not supported").c_str());
+  if (d.code == uint8_t(nb::dlpack::dtype_code::Float) && d.bits == 32) return lk::DType::f32;
+  if (d.code == uint8_t(nb::dlpack::dtype_code::Float) && d.bits == 16) return lk::DType::f16;
+  if (d.code == uint8_t(nb::dlpack::dtype_code::Bfloat) && d.bits == 16) return lk::DType::bf16;
+  if (d.code == uint8_t(nb::dlpack::dtype_code::UInt) && d.bits == 16 && !raw16.empty()) return parse_dtype(raw16);
+  throw nb::type_error((std::string(what) + " must be bfloat16, float16 or float32" +
+                        (raw16.empty() ? "" : " (or uint16 bit patterns with dtype=...)"))
+                           .c_str());
+}
+
+// Row stride in elements of a 2-D array whose rows are contiguous.
+size_t row_stride(const AnyArray& a, const char* what, size_t rows, size_t cols) {
+  if (a.ndim() != 2) throw nb::value_error((std::string(what) + " must be 2-D").c_str());
+  if (size_t(a.shape(0)) != rows || size_t(a.shape(1)) != cols)
+    throw nb::value_error((std::string(what) + " has shape (" + std::to_string(a.shape(0)) + ", " + std::to_string(a.shape(1)) +
+                           "), expected (" + std::to_string(rows) + ", " + std::to_string(cols) + ")")
+                              .c_str());
+  if (cols > 1 && a.stride(1) != 1)
+    throw nb::value_error((std::string(what) + " must have contiguous rows (call .contiguous())").c_str());
+  if (rows > 1 && a.stride(0) < int64_t(cols))
+    throw nb::value_error((std::string(what) + " rows overlap").c_str());
+  return rows > 1 ? size_t(a.stride(0)) : cols;
+}
+
+lk::Part parse_part(const std::string& s) {
+  if (s == "gate" || s == "w1") return lk::Part::gate;
+  if (s == "up" || s == "w3") return lk::Part::up;
+  if (s == "down" || s == "w2") return lk::Part::down;
+  if (s == "gate_up" || s == "w13") return lk::Part::gate_up;
+  throw nb::value_error(("unknown expert part '" + s + "' (expected gate, up, gate_up or down)").c_str());
+}
+
+std::shared_ptr<lk::Engine> make_engine(const std::vector<std::pair<int, std::vector<int>>>& groups, int spin_us,
+                                        const std::string& isa_cap) {
+  lk::EngineConfig cfg;
+  for (auto& g : groups) cfg.groups.push_back(lk::NodeGroup{g.first, g.second});
+  cfg.spin_us = spin_us;
+  if (!lk::isa_from_name(isa_cap, &cfg.isa_cap)) throw nb::value_error(("unknown ISA cap '" + isa_cap + "'").c_str());
+  try {
+    return std::make_shared<lk::Engine>(std::move(cfg));
+  } catch (const std::invalid_argument& e) {
+    throw nb::value_error(e.what());
+  }
+}
+
+nb::dict stats_dict(const lk::EngineStats& s) {
+  nb::dict d;
+  d["calls"] = s.calls;
+  d["tokens"] = s.tokens;
+  d["assignments"] = s.assignments;
+  d["invalid_ids"] = s.invalid_ids;
+  d["busy_ns"] = s.busy_ns;
+  return d;
+}
+
+}  // namespace
+
 NB_MODULE(_lk_moe, m) {
   m.doc() = "lk_moe: NUMA-aware CPU engine for routed MoE experts";
+
+  nb::register_exception_translator([](const std::exception_ptr& p, void*) {
+    try {
+      std::rethrow_exception(p);
+    } catch (const std::invalid_argument& e) {
+      PyErr_SetString(PyExc_ValueError, e.what());
+    }
+  });
 
   m.def("cpu_features", []() {
     const lk::CpuFeatures& f = lk::cpu_features();
@@ -31,5 +122,134 @@ NB_MODULE(_lk_moe, m) {
   });
   m.def("best_isa", []() { return std::string(lk::isa_name(lk::best_isa())); },
         "The best kernel family this CPU can run, capped by LK_ISA.");
+  m.def("kernel_name", [](const std::string& weights, const std::string& cap) {
+    lk::Isa c;
+    if (!lk::isa_from_name(cap, &c)) throw nb::value_error(("unknown ISA variant: " + cap).c_str());
+    const lk::KernelSet* ks = lk::choose_kernels(parse_dtype(weights), c);
+    return std::string(ks ? ks->name : "none");
+  }, "weights"_a, "cap"_a = "amx", "Kernel family that will run for these weights at this cap.");
   m.def("build_flavour", []() { return std::string(LK_BUILD_FLAGS); });
+  m.def("numa_status", []() {
+    const lk::NumaStatus& s = lk::numa_status();
+    nb::dict d;
+    d["library_loaded"] = s.library_loaded;
+    d["max_node"] = s.max_node;
+    d["detail"] = s.detail;
+    return d;
+  });
+
+  nb::class_<lk::Engine>(m, "Engine")
+      .def(nb::new_(&make_engine), "groups"_a, "spin_us"_a = 2000, "isa_cap"_a = "amx",
+           "groups: list of (numa_node or -1, [cpu or -1 per worker]).")
+      .def_prop_ro("num_groups", &lk::Engine::num_groups)
+      .def_prop_ro("threads", [](lk::Engine& e) { return e.pool().total(); })
+      .def_prop_ro("unpinned", [](lk::Engine& e) { return e.pool().unpinned(); })
+      .def_prop_ro("groups", [](lk::Engine& e) {
+        std::vector<std::pair<int, std::vector<int>>> out;
+        for (auto& g : e.pool().groups()) out.emplace_back(g.numa_node, g.cpus);
+        return out;
+      })
+      .def("stats", [](lk::Engine& e) { return stats_dict(e.stats()); })
+      .def("reset_stats", &lk::Engine::reset_stats)
+      .def("wait", &lk::Engine::wait, nb::call_guard<nb::gil_scoped_release>())
+      .def_prop_ro("idle", &lk::Engine::idle)
+      .def("reserve", [](lk::Engine& e, int tokens, int k, const lk::MoELayer& l) { e.reserve(tokens, k, l); },
+           "tokens"_a, "k"_a, "layer"_a);
+
+  nb::class_<lk::MoELayer>(m, "MoELayer")
+      .def(
+          "__init__",
+          [](lk::MoELayer* self, std::shared_ptr<lk::Engine> engine, int E, int H, int I, const std::string& wtype) {
+            new (self) lk::MoELayer(std::move(engine), E, H, I, parse_dtype(wtype));
+          },
+          "engine"_a, "experts"_a, "hidden"_a, "intermediate"_a, "weight_dtype"_a = "bfloat16")
+      .def_prop_ro("experts", &lk::MoELayer::E)
+      .def_prop_ro("hidden", &lk::MoELayer::H)
+      .def_prop_ro("intermediate", &lk::MoELayer::I)
+      .def_prop_ro("weight_dtype", [](lk::MoELayer& l) { return std::string(lk::dtype_name(l.weight_type())); })
+      .def_prop_ro("kernel", [](lk::MoELayer& l) { return std::string(l.kernels()->name); })
+      .def_prop_ro("activation_dtype", [](lk::MoELayer& l) { return std::string(lk::dtype_name(l.kernels()->act)); })
+      .def_prop_ro("packed_bytes", &lk::MoELayer::packed_bytes)
+      .def_prop_ro("slices", [](lk::MoELayer& l) {
+        std::vector<std::pair<int, int>> out;
+        for (auto& s : l.slices()) out.emplace_back(s.i0, s.in);
+        return out;
+      })
+      .def_prop_ro("loaded", [](lk::MoELayer& l) { return std::vector<int>(l.loaded().begin(), l.loaded().end()); })
+      .def_prop_ro("complete", &lk::MoELayer::complete)
+      .def(
+          "load",
+          [](lk::MoELayer& l, int e, const std::string& part, AnyArray src, const std::string& raw16) {
+            lk::Part p = parse_part(part);
+            size_t rows = p == lk::Part::down ? l.H() : p == lk::Part::gate_up ? 2 * size_t(l.I()) : l.I();
+            size_t cols = p == lk::Part::down ? l.I() : l.H();
+            lk::DType st = float_dtype(src, "expert weights", raw16.empty() ? std::string(lk::dtype_name(l.weight_type())) : raw16);
+            size_t ld = row_stride(src, ("expert " + part + " weights").c_str(), rows, cols);
+            nb::gil_scoped_release release;
+            l.load(e, p, src.data(), st, ld);
+          },
+          "expert"_a, "part"_a, "weights"_a, "dtype"_a = "",
+          "Pack one expert's gate [I,H], up [I,H], gate_up [2I,H] or down [H,I] weights.")
+      .def("fill_random", &lk::MoELayer::fill_random, "seed"_a = 0, "scale"_a = 1e-3f,
+           nb::call_guard<nb::gil_scoped_release>())
+      .def(
+          "forward",
+          [](lk::MoELayer& l, AnyArray x, AnyArray ids, AnyArray tw, AnyArray out, const std::string& raw16) {
+            lk::ForwardArgs a;
+            if (x.ndim() != 2) throw nb::value_error("hidden states must be 2-D [tokens, hidden]");
+            a.M = int(x.shape(0));
+            a.x_type = float_dtype(x, "hidden states", raw16);
+            a.ldx = row_stride(x, "hidden states", a.M, l.H());
+            if (ids.ndim() != 2 || size_t(ids.shape(0)) != size_t(a.M))
+              throw nb::value_error("topk_ids must be 2-D [tokens, k] with one row per token");
+            a.k = int(ids.shape(1));
+            if (a.k < 1) throw nb::value_error("topk_ids needs at least one column");
+            auto idt = ids.dtype();
+            if (idt.code != uint8_t(nb::dlpack::dtype_code::Int) || (idt.bits != 32 && idt.bits != 64))
+              throw nb::type_error("topk_ids must be int32 or int64");
+            a.ids_int64 = idt.bits == 64;
+            if (row_stride(ids, "topk_ids", a.M, a.k) != size_t(a.k)) throw nb::value_error("topk_ids must be contiguous");
+            if (float_dtype(tw, "topk_weights") != lk::DType::f32) throw nb::type_error("topk_weights must be float32");
+            if (row_stride(tw, "topk_weights", a.M, a.k) != size_t(a.k))
+              throw nb::value_error("topk_weights must be contiguous with the shape of topk_ids");
+            a.out_type = float_dtype(out, "out", raw16);
+            if (a.out_type == lk::DType::f16 && a.x_type != lk::DType::f16) {
+              // allowed: any float output
+            }
+            a.ldo = row_stride(out, "out", a.M, l.H());
+            a.x = x.data();
+            a.topk_ids = ids.data();
+            a.topk_weights = static_cast<const float*>(tw.data());
+            a.out = out.data();
+            nb::gil_scoped_release release;
+            l.forward(a);
+          },
+          "x"_a, "topk_ids"_a, "topk_weights"_a, "out"_a, "dtype"_a = "",
+          "out[m] = sum_j topk_weights[m,j] * expert_{topk_ids[m,j]}(x[m]); blocks until done.")
+      .def(
+          "submit_ptr",
+          [](lk::MoELayer& l, uintptr_t x, const std::string& xt, size_t ldx, uintptr_t ids, bool ids64, uintptr_t tw, int M,
+             int k, uintptr_t out, const std::string& ot, size_t ldo) {
+            if (!x || !ids || !tw || !out) throw nb::value_error("null buffer pointer");
+            if (M < 0 || k < 1) throw nb::value_error("bad token count or k");
+            lk::ForwardArgs a;
+            a.x = reinterpret_cast<const void*>(x);
+            a.x_type = parse_dtype(xt);
+            a.ldx = ldx ? ldx : l.H();
+            a.topk_ids = reinterpret_cast<const void*>(ids);
+            a.ids_int64 = ids64;
+            a.topk_weights = reinterpret_cast<const float*>(tw);
+            a.M = M;
+            a.k = k;
+            a.out = reinterpret_cast<void*>(out);
+            a.out_type = parse_dtype(ot);
+            a.ldo = ldo ? ldo : l.H();
+            nb::gil_scoped_release release;
+            l.engine().submit(&l, a);
+          },
+          "x"_a, "x_dtype"_a, "ldx"_a, "topk_ids"_a, "ids_int64"_a, "topk_weights"_a, "tokens"_a, "k"_a, "out"_a,
+          "out_dtype"_a, "ldo"_a,
+          "Asynchronous forward on raw pointers; Engine.wait() completes it.  Ids out of range are skipped and counted.");
+
+  lk::bind_hostfn(m);
 }

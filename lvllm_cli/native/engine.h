@@ -1,0 +1,139 @@
+// The lk_moe engine: NUMA-split expert weights and the fused-experts forward.
+//
+// Semantics are vLLM's fused_experts: w13 [E, 2I, H] (gate rows, then up
+// rows), w2 [E, H, I];
+//   out[m] = sum_j topk_w[m,j] * w2[e] (silu(gate_e x_m) * up_e x_m),  e = topk_ids[m,j]
+// with fp32 accumulation.  Each expert is split along I across the engine's
+// node groups (no replication): a group holds its I-slice of every expert in
+// its own node's memory and yields a partial [M, H] that is summed at the end.
+#pragma once
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "common.h"
+#include "kernels.h"
+#include "numa_mem.h"
+#include "pool.h"
+
+namespace lk {
+
+class MoELayer;
+
+struct EngineConfig {
+  std::vector<NodeGroup> groups;
+  int spin_us = 2000;
+  Isa isa_cap = Isa::amx;
+};
+
+struct ForwardArgs {
+  const void* x = nullptr;
+  DType x_type = DType::bf16;
+  size_t ldx = 0;  // row stride of x, elements
+  const void* topk_ids = nullptr;
+  bool ids_int64 = false;
+  const float* topk_weights = nullptr;
+  int M = 0, k = 0;
+  void* out = nullptr;
+  DType out_type = DType::bf16;
+  size_t ldo = 0;  // row stride of out, elements
+};
+
+struct EngineStats {
+  uint64_t calls = 0;
+  uint64_t tokens = 0;
+  uint64_t assignments = 0;  // token x expert pairs computed
+  uint64_t invalid_ids = 0;  // expert ids out of range (skipped)
+  uint64_t busy_ns = 0;      // submit -> completion
+};
+
+class Engine {
+ public:
+  explicit Engine(EngineConfig cfg);
+  ~Engine();
+
+  Pool& pool() { return *pool_; }
+  const EngineConfig& config() const { return cfg_; }
+  int num_groups() const { return pool_->num_groups(); }
+
+  // Asynchronous forward: returns once the job is posted.  `args` pointers
+  // must stay valid until wait() returns.  Invalid expert ids are skipped
+  // and counted (the asynchronous path cannot raise).
+  void submit(MoELayer* layer, const ForwardArgs& args);
+  void wait();
+  bool idle() const { return pool_->done(); }
+
+  // Make room for `tokens` x `k` so later calls do not allocate.
+  void reserve(int tokens, int k, const MoELayer& layer);
+
+  EngineStats stats() const;
+  void reset_stats();
+
+  // Runs `fn(i)` for i in [0, n) spread over all workers; blocks.
+  void parallel_for(size_t n, void (*fn)(void* ctx, size_t begin, size_t end, const WorkerInfo& w), void* ctx);
+
+  struct Job;
+
+ private:
+  friend class MoELayer;
+  static void run_job(void* ctx, const WorkerInfo& w);
+
+  EngineConfig cfg_;
+  std::unique_ptr<Pool> pool_;
+  std::unique_ptr<Job> job_;
+  std::mutex submit_mu_;
+  std::atomic<uint64_t> calls_{0}, tokens_{0}, assignments_{0}, invalid_{0}, busy_ns_{0};
+  int64_t t_submit_ = 0;
+};
+
+enum class Part : int { gate = 0, up = 1, down = 2, gate_up = 3 };
+
+struct Slice {
+  int i0 = 0, in = 0, inp = 0;  // I range [i0, i0+in), padded to inp
+  NodeBuffer w13, w2;
+};
+
+class MoELayer {
+ public:
+  MoELayer(std::shared_ptr<Engine> engine, int E, int H, int I, DType wtype);
+  MoELayer(const MoELayer&) = delete;
+  MoELayer& operator=(const MoELayer&) = delete;
+
+  int E() const { return E_; }
+  int H() const { return H_; }
+  int I() const { return I_; }
+  int Hp() const { return Hp_; }
+  DType weight_type() const { return wtype_; }
+  const KernelSet* kernels() const { return ks_; }
+  Engine& engine() const { return *engine_; }
+  const std::vector<Slice>& slices() const { return slices_; }
+  size_t packed_bytes() const;
+
+  // Pack one expert's part from a row-major source (rows x cols, row stride
+  // `ld` elements): gate/up [I, H], gate_up [2I, H], down [H, I].  Runs on the
+  // engine's workers.  Throws std::invalid_argument on bad input.
+  void load(int e, Part part, const void* src, DType src_type, size_t ld);
+  // Random weights (uniform in [-scale, scale]) for every expert part not
+  // loaded yet; padding stays zero.  Used for --load-format dummy.
+  void fill_random(uint64_t seed, float scale);
+  // Bit mask per expert: 1 gate, 2 up, 4 down.
+  const std::vector<uint8_t>& loaded() const { return loaded_; }
+  bool complete() const;
+
+  // Synchronous forward (validates ids first; throws on bad input).
+  void forward(const ForwardArgs& args);
+
+ private:
+  friend class Engine;
+  std::shared_ptr<Engine> engine_;
+  int E_, H_, I_, Hp_;
+  DType wtype_;
+  const KernelSet* ks_;
+  std::vector<Slice> slices_;
+  std::vector<uint8_t> loaded_;
+};
+
+}  // namespace lk

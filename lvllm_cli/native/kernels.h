@@ -1,0 +1,56 @@
+// Kernel families and the packed "panel" layout they stream.
+//
+// A panel holds 32 output rows (two halves of 16) over K inputs (K a
+// multiple of 32), laid out [K/2][2 halves][16 rows][2 k].  One 64-byte load
+// then feeds 16 rows with one k-pair: the operand of vdpbf16ps, and exactly
+// an AMX B-tile row.  Both projections use it:
+//   w13 panel r: half 0 = gate rows 16r..16r+15, half 1 = the same up rows;
+//   w2  panel b: half 0 = hidden rows 32b..32b+15, half 1 = 32b+16..32b+31.
+#pragma once
+#include <cstddef>
+
+#include "common.h"
+#include "cpu_features.h"
+
+namespace lk {
+
+constexpr int PANEL_ROWS = 32;
+constexpr int K_ALIGN = 32;  // K is padded (with zero weights) to this
+
+inline size_t panel_elems(size_t K) { return K * PANEL_ROWS; }
+
+// Element offset of (output row c in 0..31, input k) inside a panel.
+inline size_t panel_offset(int c, size_t k) {
+  return ((k / 2) * 2 + size_t(c / 16)) * 32 + size_t(c % 16) * 2 + (k % 2);
+}
+
+struct KernelSet {
+  Isa isa;
+  const char* name;
+  DType weights;  // bf16 or f16
+  DType act;      // activation format the kernels read: bf16 or f32
+  // y[t*32 + c] = sum_k x[t*ldx + k] * panel(c, k), t < n, c < 32; fp32 accumulation.
+  void (*panel_dot)(const void* x, size_t ldx, int n, const void* panel, int K, float* y);
+  // h[t*ldh + c] = silu(y[t*32 + c]) * y[t*32 + 16 + c], c < 16, stored in act format.
+  void (*silu_mul)(const float* y, int n, void* h, size_t ldh);
+};
+
+// The kernels for this ISA family and weight type, or nullptr when the pair
+// does not exist (e.g. fp16 weights have no bf16-dot family).
+const KernelSet* kernel_set(Isa isa, DType weights);
+
+// Best available set for the weights, at or below `cap`.
+const KernelSet* choose_kernels(DType weights, Isa cap);
+
+// Per-ISA tables (defined in kernels_<isa>.cpp; null where not compiled).
+extern const KernelSet* const kScalarSets[2];   // [bf16, f16]
+extern const KernelSet* const kAvx2Sets[2];
+extern const KernelSet* const kAvx512Sets[2];
+extern const KernelSet* const kAvx512Bf16Sets[2];
+extern const KernelSet* const kAmxSets[2];
+
+// Used by the AMX family for the rows that do not fill a tile.
+void avx512bf16_panel_dot(const void* x, size_t ldx, int n, const void* panel, int K, float* y);
+void avx512bf16_silu_mul(const float* y, int n, void* h, size_t ldh);
+
+}  // namespace lk
