@@ -209,13 +209,10 @@ NB_MODULE(_lk_moe, m) {
               throw nb::type_error("topk_ids must be int32 or int64");
             a.ids_int64 = idt.bits == 64;
             if (row_stride(ids, "topk_ids", a.M, a.k) != size_t(a.k)) throw nb::value_error("topk_ids must be contiguous");
-            if (float_dtype(tw, "topk_weights") != lk::DType::f32) throw nb::type_error("topk_weights must be float32");
+            if (tw.dtype() != nb::dtype<float>()) throw nb::type_error("topk_weights must be float32");
             if (row_stride(tw, "topk_weights", a.M, a.k) != size_t(a.k))
               throw nb::value_error("topk_weights must be contiguous with the shape of topk_ids");
             a.out_type = float_dtype(out, "out", raw16);
-            if (a.out_type == lk::DType::f16 && a.x_type != lk::DType::f16) {
-              // allowed: any float output
-            }
             a.ldo = row_stride(out, "out", a.M, l.H());
             a.x = x.data();
             a.topk_ids = ids.data();

@@ -1,0 +1,50 @@
+"""Independent float64 reference for fused MoE experts, and random test data.
+
+The reference follows vLLM's fused_experts definition directly in NumPy; it
+shares no code with the engine.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def reference_moe(x, w13, w2, topk_ids, topk_weights):
+    """out[m] = sum_j w[m,j] * w2[e] @ (silu(gate_e @ x[m]) * (up_e @ x[m])), all in float64."""
+    x = np.asarray(x, dtype=np.float64)
+    w13 = np.asarray(w13, dtype=np.float64)
+    w2 = np.asarray(w2, dtype=np.float64)
+    ids = np.asarray(topk_ids)
+    tw = np.asarray(topk_weights, dtype=np.float64)
+    M, H = x.shape
+    I = w2.shape[2]
+    out = np.zeros((M, H))
+    for e in np.unique(ids):
+        rows, slots = np.nonzero(ids == e)
+        gu = x[rows] @ w13[e].T
+        g, u = gu[:, :I], gu[:, I:]
+        h = g / (1.0 + np.exp(-g)) * u
+        np.add.at(out, rows, (h @ w2[e].T) * tw[rows, slots][:, None])
+    return out
+
+
+def random_problem(M, k, E, H, I, *, seed, wdtype=torch.bfloat16, xdtype=torch.bfloat16):
+    """Weights scaled like a trained layer (outputs of order 1), distinct experts per token."""
+    g = torch.Generator().manual_seed(seed)
+    w13 = (torch.randn(E, 2 * I, H, generator=g) / H**0.5).to(wdtype)
+    w2 = (torch.randn(E, H, I, generator=g) / I**0.5).to(wdtype)
+    x = torch.randn(M, H, generator=g).to(xdtype)
+    ids = torch.argsort(torch.rand(M, E, generator=g), dim=1)[:, :k].to(torch.int32).contiguous()
+    tw = torch.rand(M, k, generator=g, dtype=torch.float32)
+    return x, w13, w2, ids, tw
+
+
+def as_f64(t):
+    return t.to(torch.float64).numpy()
+
+
+def rel_err(out, ref):
+    out = np.asarray(out, dtype=np.float64)
+    denom = np.linalg.norm(ref)
+    return float(np.linalg.norm(out - ref) / (denom if denom > 0 else 1.0))
