@@ -28,6 +28,7 @@ class CpuInfo:
     logical_cpus: int = 0
     threads_per_core: int = 1
     l3_bytes: int = 0  # total over all sockets
+    governors: dict[str, int] = field(default_factory=dict)  # cpufreq governor -> online CPUs using it; {} when not exposed
     online: list[LogicalCpu] = field(default_factory=list)
 
     def has(self, flag: str) -> bool:
@@ -72,6 +73,7 @@ class GpuInfo:
     pcie_width_current: int | None = None
     pcie_width_max: int | None = None
     source: str = "sysfs"  # "nvml" or "sysfs"
+    pstate: int | None = None  # NVML performance state: 0 = full speed, >= 8 idle (idle GPUs lower their PCIe link)
 
 
 @dataclass
@@ -83,6 +85,8 @@ class Machine:
     sysroot: str = "/"
     # Files that were missing or malformed, as (path, what went wrong); doctor turns them into findings.
     read_problems: list[tuple[str, str]] = field(default_factory=list)
+    # Why NVML gave no GPU list (None when it answered); doctor tells "no driver" from "no GPU" with it.
+    nvml_error: str | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
