@@ -9,6 +9,7 @@
 
 #include <stdexcept>
 
+#include "bench_native.h"
 #include "cpu_features.h"
 #include "engine.h"
 #include "hostfn.h"
@@ -247,6 +248,34 @@ NB_MODULE(_lk_moe, m) {
           "x"_a, "x_dtype"_a, "ldx"_a, "topk_ids"_a, "ids_int64"_a, "topk_weights"_a, "tokens"_a, "k"_a, "out"_a,
           "out_dtype"_a, "ldo"_a,
           "Asynchronous forward on raw pointers; Engine.wait() completes it.  Ids out of range are skipped and counted.");
+
+  m.def("read_bandwidth", [](lk::Engine& e, size_t bytes, int reps) {
+    if (bytes < (1u << 20)) throw nb::value_error("measure at least 1 MiB (and more than the last-level cache)");
+    nb::gil_scoped_release release;
+    return lk::read_bandwidth(e, bytes, std::max(1, reps));
+  }, "engine"_a, "bytes"_a, "reps"_a = 5, "GB/s of the engine's workers reading node-local memory (median of reps).");
+
+  m.def("time_layers", [](std::vector<lk::MoELayer*> layers, uintptr_t x, const std::string& xt, uintptr_t ids, bool ids64,
+                          uintptr_t tw, int M, int k, uintptr_t out, const std::string& ot, int steps, int passes) {
+    if (layers.empty()) throw nb::value_error("no layers to time");
+    if (steps < 1 || passes < 1) throw nb::value_error("steps and passes must be positive");
+    lk::ForwardArgs a;
+    a.x = reinterpret_cast<const void*>(x);
+    a.x_type = parse_dtype(xt);
+    a.ldx = layers[0]->H();
+    a.topk_ids = reinterpret_cast<const void*>(ids);
+    a.ids_int64 = ids64;
+    a.topk_weights = reinterpret_cast<const float*>(tw);
+    a.M = M;
+    a.k = k;
+    a.out = reinterpret_cast<void*>(out);
+    a.out_type = parse_dtype(ot);
+    a.ldo = layers[0]->H();
+    nb::gil_scoped_release release;
+    return lk::time_layers(layers, a, steps, passes);
+  }, "layers"_a, "x"_a, "x_dtype"_a, "topk_ids"_a, "ids_int64"_a, "topk_weights"_a, "tokens"_a, "k"_a, "out"_a,
+     "out_dtype"_a, "steps"_a, "passes"_a,
+     "Nanoseconds per forward call, layers cycled like a forward pass; ids/weights hold `steps` [tokens, k] sets.");
 
   lk::bind_hostfn(m);
 }

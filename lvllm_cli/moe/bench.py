@@ -1,0 +1,237 @@
+"""`lvllm bench moe`: the engine at real model shapes against this machine's own limits.
+
+In one run it measures (1) the read bandwidth of the engine's workers over
+node-local memory, the decode roofline, (2) a straightforward PyTorch
+implementation (per-expert F.linear, same thread count) and (3) the engine,
+both cycling over enough layers that the weights are >= 8x the last-level
+cache (DRAM, not cache, is measured) while fitting in free RAM.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+MODEL_SHAPES = {
+    # name: (hidden, moe intermediate, experts, top-k)
+    "qwen3-30b-a3b": (2048, 768, 128, 8),
+    "qwen3-next-80b": (2048, 512, 512, 10),
+}
+DEFAULT_TOKENS = {"decode": [1], "prefill": [128, 1024]}
+MIN_WORKING_SET = 4 << 30  # bytes; and >= 8x L3
+
+
+@dataclass
+class Row:
+    model: str
+    mode: str  # decode / prefill
+    tokens: int
+    layers: int
+    threads: int
+    kernel: str
+    us_per_layer: float
+    gbps: float  # weight bytes streamed per second
+    pct_of_bandwidth: float
+    tflops: float
+    torch_us_per_layer: float | None
+    torch_ratio: float | None  # torch time / engine time (> 1: engine faster)
+    bandwidth_gbps: float
+
+
+def expert_bytes(hidden: int, inter: int, dtype_bytes: int = 2) -> int:
+    return 3 * hidden * inter * dtype_bytes
+
+
+def layers_for(layer_bytes: int, l3_bytes: int, free_bytes: int, budget_share: float = 0.6) -> int:
+    """Enough layers for >= 8x L3 and >= 4 GiB, as long as they fit in a share of free RAM (at least 1)."""
+    want = max(math.ceil(8 * max(l3_bytes, 1) / layer_bytes), math.ceil(MIN_WORKING_SET / layer_bytes), 2)
+    fit = int(free_bytes * budget_share // layer_bytes)
+    if fit < 1:
+        raise MemoryError(
+            f"one layer needs {layer_bytes / 2**30:.1f} GiB but only {free_bytes / 2**30:.1f} GiB of RAM is free"
+        )
+    return max(1, min(want, fit))
+
+
+ROUTING_STEPS = 64  # distinct routings cycled through, so every expert gets touched, as in real decoding
+
+
+def routing(tokens: int, experts: int, k: int, seed: int, steps: int = ROUTING_STEPS):
+    """[steps, tokens, k] uniform random distinct experts per token (no locality: the worst case for streaming)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.argsort(torch.rand(steps, tokens, experts, generator=g), dim=2)[:, :, :k].to(torch.int32).contiguous()
+    w = torch.rand(steps, tokens, k, generator=g)
+    return ids, (w / w.sum(dim=2, keepdim=True)).contiguous()
+
+
+def torch_moe(x, w13, w2, ids, tw):
+    """The straightforward PyTorch implementation: loop over the selected experts, F.linear each."""
+    import torch
+    import torch.nn.functional as F
+
+    out = torch.zeros(x.shape, dtype=torch.float32)
+    inter = w2.shape[2]
+    flat = ids.view(-1)
+    order = torch.argsort(flat)
+    counts = torch.bincount(flat, minlength=w13.shape[0]).tolist()
+    tokens = (order // ids.shape[1])
+    weights = tw.view(-1)[order]
+    start = 0
+    for e, n in enumerate(counts):
+        if n == 0:
+            continue
+        rows = tokens[start : start + n]
+        h = F.linear(x[rows], w13[e])
+        a = F.silu(h[:, :inter]) * h[:, inter:]
+        y = F.linear(a, w2[e])
+        out.index_add_(0, rows, (y * weights[start : start + n, None]).float())
+        start += n
+    return out.to(x.dtype)
+
+
+def _median_us(samples_ns):
+    return statistics.median(samples_ns) / 1e3
+
+
+def bench_moe(
+    models: list[str],
+    tokens: dict[str, list[int]] | None = None,
+    *,
+    threads: int | None = None,
+    virtual_nodes: int | None = None,
+    passes: int = 3,
+    with_torch: bool = True,
+    l3_bytes: int | None = None,
+    free_bytes: int | None = None,
+    progress: Callable[[str], None] = lambda s: None,
+) -> tuple[float, list[Row]]:
+    import psutil
+    import torch
+
+    from lvllm_cli.moe import MoELayer, get_engine
+    from lvllm_cli.moe import native
+
+    lk = native.load()
+    tokens = tokens or DEFAULT_TOKENS
+    for m in models:
+        if m not in MODEL_SHAPES:
+            raise ValueError(f"unknown model shape {m!r}; known: {', '.join(MODEL_SHAPES)}")
+    if l3_bytes is None:
+        from lvllm_cli.probe import probe
+
+        l3_bytes = probe(use_nvml=False).cpu.l3_bytes or (32 << 20)
+    free_bytes = free_bytes if free_bytes is not None else psutil.virtual_memory().available
+    engine = get_engine(threads=threads, virtual_nodes=virtual_nodes)
+    nthreads = engine.threads
+
+    bw_bytes = min(max(8 * l3_bytes, 1 << 30), int(free_bytes * 0.3))
+    progress(f"measuring read bandwidth over {bw_bytes / 2**30:.1f} GiB with {nthreads} threads")
+    bandwidth = lk.read_bandwidth(engine, bw_bytes, 5)
+    progress(f"read bandwidth: {bandwidth:.1f} GB/s")
+
+    rows: list[Row] = []
+    prev_threads = torch.get_num_threads()
+    torch.set_num_threads(nthreads)
+    try:
+        for name in models:
+            H, I, E, k = MODEL_SHAPES[name]
+            layer_bytes = E * expert_bytes(H, I)
+            nl = layers_for(layer_bytes, l3_bytes, free_bytes)
+            cases = [(mode, t) for mode in ("decode", "prefill") for t in tokens.get(mode, [])]
+            torch_us: dict[int, float] = {}
+            if with_torch:
+                progress(f"{name}: {nl} layers x {layer_bytes / 2**30:.2f} GiB for the PyTorch reference")
+                tl = [
+                    ((torch.rand(E, 2 * I, H) - 0.5).to(torch.bfloat16) / H**0.5, (torch.rand(E, H, I) - 0.5).to(torch.bfloat16) / I**0.5)
+                    for _ in range(nl)
+                ]
+                for mode, t in cases:
+                    x = torch.randn(t, H).to(torch.bfloat16)
+                    ids, tw = routing(t, E, k, seed=t)
+                    for i, (w13, w2) in enumerate(tl):  # warm-up pass
+                        torch_moe(x, w13, w2, ids[i % ROUTING_STEPS], tw[i % ROUTING_STEPS])
+                    ns = []
+                    call = 0
+                    for _ in range(passes):
+                        for w13, w2 in tl:
+                            s = call % ROUTING_STEPS
+                            call += 1
+                            t0 = time.perf_counter_ns()
+                            torch_moe(x, w13, w2, ids[s], tw[s])
+                            ns.append(time.perf_counter_ns() - t0)
+                    torch_us[t] = _median_us(ns)
+                    progress(f"{name} {mode} M={t}: torch {torch_us[t]:.0f} us/layer")
+                del tl
+            progress(f"{name}: packing {nl} layers x {layer_bytes / 2**30:.2f} GiB for the engine")
+            layers = []
+            for i in range(nl):
+                layer = MoELayer.empty(E, H, I, "bfloat16", engine=engine)
+                layer.fill_random(seed=i + 1, scale=1.0 / math.sqrt(H))
+                layers.append(layer)
+            for mode, t in cases:
+                x = torch.randn(t, H).to(torch.bfloat16)
+                out = torch.empty_like(x)
+                ids, tw = routing(t, E, k, seed=t)
+                args = (x.data_ptr(), "bfloat16", ids.data_ptr(), False, tw.data_ptr(), t, k, out.data_ptr(), "bfloat16",
+                        ROUTING_STEPS)
+                lk.time_layers([l.native for l in layers], *args, 1)  # warm-up pass
+                ns = lk.time_layers([l.native for l in layers], *args, max(passes, 5 if t == 1 else passes))
+                us = _median_us(ns)
+                # Weight bytes one call streams: its distinct experts (averaged over the routings).
+                active = sum(int(torch.unique(ids[s]).numel()) for s in range(ROUTING_STEPS)) / ROUTING_STEPS
+                streamed = active * expert_bytes(H, I)
+                gbps = streamed / (us * 1e-6) / 1e9
+                flops = 2 * t * k * 3 * H * I
+                tus = torch_us.get(t)
+                rows.append(
+                    Row(
+                        model=name, mode=mode, tokens=t, layers=nl, threads=nthreads, kernel=layers[0].kernel,
+                        us_per_layer=round(us, 1), gbps=round(gbps, 1), pct_of_bandwidth=round(100 * gbps / bandwidth, 1),
+                        tflops=round(flops / (us * 1e-6) / 1e12, 3),
+                        torch_us_per_layer=round(tus, 1) if tus else None,
+                        torch_ratio=round(tus / us, 2) if tus else None,
+                        bandwidth_gbps=round(bandwidth, 1),
+                    )
+                )
+                progress(f"{name} {mode} M={t}: {us:.0f} us/layer, {gbps:.1f} GB/s ({100 * gbps / bandwidth:.0f}% of bandwidth)")
+            del layers
+    finally:
+        torch.set_num_threads(prev_threads)
+    return bandwidth, rows
+
+
+def bench_moe_decode(hidden: int, inter: int, experts: int, topk: int, threads: int, cpus=None, seconds: float = 2.0) -> float:
+    """Microseconds per decode layer (M=1) at these shapes, for `lvllm tune --measure`."""
+    import psutil
+    import torch
+
+    from lvllm_cli.moe import MoELayer, get_engine, native
+
+    lk = native.load()
+    engine = get_engine(threads=threads, cpus=cpus)
+    layer_bytes = experts * expert_bytes(hidden, inter)
+    from lvllm_cli.probe import probe
+
+    nl = layers_for(layer_bytes, probe(use_nvml=False).cpu.l3_bytes or (32 << 20), psutil.virtual_memory().available)
+    layers = []
+    for i in range(nl):
+        layer = MoELayer.empty(experts, hidden, inter, "bfloat16", engine=engine)
+        layer.fill_random(seed=i + 1, scale=1.0 / math.sqrt(hidden))
+        layers.append(layer)
+    x = torch.randn(1, hidden).to(torch.bfloat16)
+    out = torch.empty_like(x)
+    ids, tw = routing(1, experts, topk, seed=0)
+    args = (x.data_ptr(), "bfloat16", ids.data_ptr(), False, tw.data_ptr(), 1, topk, out.data_ptr(), "bfloat16",
+            ROUTING_STEPS)
+    ns = lk.time_layers([l.native for l in layers], *args, 1)
+    passes = max(1, int(seconds / max(sum(ns) / 1e9, 1e-6)))
+    return _median_us(lk.time_layers([l.native for l in layers], *args, passes))
+
+
+def rows_as_dicts(rows: list[Row]) -> list[dict]:
+    return [asdict(r) for r in rows]

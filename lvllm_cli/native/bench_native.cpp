@@ -1,0 +1,87 @@
+#include "bench_native.h"
+
+#include <algorithm>
+#include <chrono>
+
+namespace lk {
+
+namespace {
+
+double now_s() {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+struct BwCtx {
+  Engine* eng;
+  std::vector<NodeBuffer> bufs;  // one per group
+  bool fill;
+  std::vector<uint64_t> sink;    // per worker, defeats dead-code elimination
+};
+
+void bw_work(void* vctx, size_t b, size_t e, const WorkerInfo& w) {
+  BwCtx& c = *static_cast<BwCtx*>(vctx);
+  Pool& P = c.eng->pool();
+  const NodeBuffer& buf = c.bufs[w.group];
+  const size_t words = buf.size() / 8, T = P.group_size(w.group);
+  const size_t lo = words * w.lid / T / 8 * 8, hi = words * (w.lid + 1) / T / 8 * 8;
+  uint64_t* p = buf.as<uint64_t>();
+  if (c.fill) {
+    uint64_t s = 0x9e3779b97f4a7c15ull * (w.gid + 1);
+    for (size_t i = lo; i < hi; ++i) {
+      s ^= s << 13; s ^= s >> 7; s ^= s << 17;
+      p[i] = s;
+    }
+    return;
+  }
+  uint64_t a0 = 0, a1 = 0, a2 = 0, a3 = 0, a4 = 0, a5 = 0, a6 = 0, a7 = 0;
+  for (size_t i = lo; i < hi; i += 8) {
+    a0 ^= p[i]; a1 ^= p[i + 1]; a2 ^= p[i + 2]; a3 ^= p[i + 3];
+    a4 ^= p[i + 4]; a5 ^= p[i + 5]; a6 ^= p[i + 6]; a7 ^= p[i + 7];
+  }
+  c.sink[w.gid] = a0 ^ a1 ^ a2 ^ a3 ^ a4 ^ a5 ^ a6 ^ a7;
+}
+
+}  // namespace
+
+double read_bandwidth(Engine& eng, size_t bytes, int reps) {
+  Pool& P = eng.pool();
+  BwCtx c{&eng, {}, true, std::vector<uint64_t>(P.total())};
+  for (int g = 0; g < P.num_groups(); ++g) {
+    size_t share = bytes / P.num_groups() / 4096 * 4096;
+    c.bufs.emplace_back(std::max<size_t>(share, 4096), P.group_numa_node(g));
+  }
+  size_t total = 0;
+  for (auto& b : c.bufs) total += b.size();
+  eng.parallel_for(P.total(), &bw_work, &c);  // one item per worker: each fills its own part
+  c.fill = false;
+  std::vector<double> gbps;
+  for (int r = 0; r < reps + 1; ++r) {
+    double t0 = now_s();
+    eng.parallel_for(P.total(), &bw_work, &c);
+    double dt = now_s() - t0;
+    if (r > 0) gbps.push_back(double(total) / dt / 1e9);
+  }
+  std::sort(gbps.begin(), gbps.end());
+  return gbps[gbps.size() / 2];
+}
+
+std::vector<double> time_layers(const std::vector<MoELayer*>& layers, const ForwardArgs& a, int steps, int passes) {
+  std::vector<double> ns;
+  ns.reserve(layers.size() * passes);
+  const size_t per = size_t(a.M) * a.k, isz = a.ids_int64 ? 8 : 4;
+  size_t call = 0;
+  for (int p = 0; p < passes; ++p)
+    for (MoELayer* l : layers) {
+      ForwardArgs c = a;
+      const size_t s = call++ % size_t(steps);
+      c.topk_ids = static_cast<const char*>(a.topk_ids) + s * per * isz;
+      c.topk_weights = a.topk_weights + s * per;
+      double t0 = now_s();
+      l->engine().submit(l, c);
+      l->engine().wait();
+      ns.push_back((now_s() - t0) * 1e9);
+    }
+  return ns;
+}
+
+}  // namespace lk

@@ -1,0 +1,21 @@
+// Measurements the benchmark needs inside the engine's own threads: the
+// machine's read bandwidth (the decode roofline) and per-call layer times
+// without Python in the loop.
+#pragma once
+#include <vector>
+
+#include "engine.h"
+
+namespace lk {
+
+// Read bandwidth in GB/s of all workers streaming node-local buffers
+// (`bytes` in total, split over the groups like expert weights); the
+// median of `reps` passes after one warm-up pass.
+double read_bandwidth(Engine& eng, size_t bytes, int reps);
+
+// Runs forward over `layers` in turn (like a forward pass), `passes` times;
+// call i routes with the (i % steps)-th of `steps` [M, k] id/weight sets, so
+// the experts touched change like in real decoding.  Nanoseconds per call.
+std::vector<double> time_layers(const std::vector<MoELayer*>& layers, const ForwardArgs& a, int steps, int passes);
+
+}  // namespace lk
