@@ -182,6 +182,11 @@ def check_numa(ctx: Context) -> list[Finding]:
         problems.append(f"memory unbalanced ({gib(min(mems))} to {gib(max(mems))} per node)")
         fixes.append("populate the same DIMMs in every channel of every socket; the engine splits experts "
                      "evenly, so the smallest node limits the model")
+    in_nodes = {c for n in nodes for c in n.cpus}
+    orphans = [c.id for c in m.cpu.online if c.id not in in_nodes]
+    if orphans:
+        problems.append(f"CPUs {format_cpulist(orphans)} belong to no node")
+        fixes.append("see the probe finding (a node's cpulist could not be read)")
     counts = [len(n.cpus) for n in cpu_nodes]
     if len(counts) > 1 and max(counts) != min(counts):
         problems.append(f"CPUs unbalanced ({min(counts)} to {max(counts)} per node)")
