@@ -160,6 +160,20 @@ def check_topology(ctx: Context) -> list[Finding]:
     )]
 
 
+def check_affinity(ctx: Context) -> list[Finding]:
+    env = ctx.env
+    if env is None or env.cpu_affinity is None:
+        return []
+    online = [c.id for c in ctx.machine.cpu.online]
+    allowed = [c for c in env.cpu_affinity if c in set(online)]
+    if online and len(allowed) < len(online):
+        return [Finding("cpu affinity", WARN,
+                        f"this process may run on {len(allowed)} of {len(online)} CPUs "
+                        f"({format_cpulist(allowed) or 'none'}); the engine can use only those",
+                        "drop the taskset/numactl restriction, or give the container all CPUs (--cpuset-cpus)")]
+    return [Finding("cpu affinity", OK, f"all {len(online)} CPUs usable", "")]
+
+
 def check_numa(ctx: Context) -> list[Finding]:
     m = ctx.machine
     nodes = m.numa
@@ -444,6 +458,7 @@ CHECKS = (
     check_isa,
     check_engine,
     check_topology,
+    check_affinity,
     check_numa,
     check_numa_balancing,
     check_memory,

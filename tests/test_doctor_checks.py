@@ -18,7 +18,7 @@ def good_stack(**kw) -> PythonStack:
         libnuma_path="/usr/lib/libnuma.so.1",
         libstdcxx=LibStdcxx(path="/usr/lib/libstdc++.so.6", provides=["3.4.20", "3.4.21", "3.4.30"],
                             required=["3.4.21"]),
-        nofile_soft=1024, nofile_hard=1048576,
+        nofile_soft=1024, nofile_hard=1048576, cpu_affinity=list(range(384)),
     )
     for k, v in kw.items():
         setattr(s, k, v)
@@ -163,6 +163,7 @@ def test_thp_never_warns(tmp_path):
     ({"libstdcxx": LibStdcxx(path="/opt/conda/lib/libstdc++.so.6", provides=["3.4.28", "3.4.29"],
                              required=["3.4.29", "3.4.32"])}, "libstdc++", FAIL, "3.4.32"),
     ({"nofile_hard": 4096, "nofile_soft": 1024}, "open files", WARN, "4096"),
+    ({"cpu_affinity": list(range(0, 8)) + [200]}, "cpu affinity", WARN, "9 of 384 CPUs (0-7,200)"),
     ({"nofile_hard": -1}, "open files", OK, "unlimited"),
     ({"lk_isa_env": "avx2", "native": NativeModule(loaded=True, best_isa="avx2", build_flavour="portable")},
      "cpu isa", WARN, "LK_ISA=avx2"),

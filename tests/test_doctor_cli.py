@@ -82,6 +82,16 @@ def test_sysroot_from_environment_variable(tmp_path):
     assert doc["cpu"]["model"] == AVX2_VM.model and doc["cpu"]["logical_cpus"] == 4
 
 
+def test_table_prints_evidence_verbatim(tmp_path):
+    from fixtures.sysfs import XEON_SNC
+
+    root = write_tree(tmp_path / "xeon", XEON_SNC)
+    p = lvllm("doctor", "--sysroot", root, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    # ':ab:' is an emoji code and '[...]' looks like markup to rich: both must print as written
+    assert "0000:ab:00.0" in p.stdout and "numa balancing" in p.stdout and "warn" in p.stdout
+
+
 def test_fail_exits_1(tmp_path):
     root = write_tree(tmp_path / "old", replace(AVX2_VM, flags=FLAGS_SSE_ONLY))
     p = lvllm("doctor", "--sysroot", root, cwd=tmp_path)
@@ -103,6 +113,7 @@ def test_capture_then_replay_archive(tmp_path):
     assert replay["memory"]["total_bytes"] == live["memory"]["total_bytes"]
     assert replay["kernel_variant"] in ("scalar", "avx2", "avx512", "avx512_bf16", "amx")
     assert replay["python"] is None
+    assert replay["sysroot"] == str(out)
 
 
 def test_model_option(tmp_path):
@@ -163,3 +174,54 @@ def test_help_is_instant_and_lists_doctor(tmp_path):
             "if m in sys.modules))")
     q = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=60)
     assert q.stdout.strip() == "[]"
+
+
+FAKE_NVML_DIR = os.path.join(os.path.dirname(__file__), "fixtures", "fake_nvml")
+
+
+def test_live_nvml_path_with_a_stand_in_library(tmp_path):
+    # No GPU on CI: a stand-in nvidia-ml-py answers like a driver with one H100 would.
+    fake = {"driver": "570.86.15", "cuda": 12080, "gpus": [
+        {"name": "NVIDIA H100 80GB HBM3", "total": 80 << 30, "free": 79 << 30, "cc": [9, 0],
+         "bus": "00000000:1B:00.0", "numa": None, "gen": 5, "gen_max": 5, "width": 8, "width_max": 16,
+         "pstate": 0}]}
+    p = lvllm("doctor", "--json", cwd=tmp_path,
+              env_extra={"PYTHONPATH": FAKE_NVML_DIR, "FAKE_NVML": json.dumps(fake)})
+    doc = json.loads(p.stdout)
+    (g,) = doc["gpus"]
+    assert (g["name"], g["pci_bus_id"], g["source"]) == ("NVIDIA H100 80GB HBM3", "0000:1b:00.0", "nvml")
+    assert (g["memory_total_bytes"], g["compute_capability"], g["driver"], g["cuda_driver_version"]) == \
+        (80 << 30, "9.0", "570.86.15", "12.8")
+    assert g["numa_node"] is None  # not in NVML and not on this machine's PCI bus
+    findings = {f["check"]: f for f in doc["findings"]}
+    assert findings["gpus"]["status"] == "ok" and "driver 570.86.15, CUDA 12.8" in findings["gpus"]["evidence"]
+    assert findings["gpu0 pcie"]["status"] == "warn" and "x8 of gen5 x16" in findings["gpu0 pcie"]["evidence"]
+    # this machine's torch is a CPU build: with a GPU present that is a failure
+    import importlib.metadata
+
+    try:
+        cuda_torch = "+cpu" not in importlib.metadata.version("torch")
+    except importlib.metadata.PackageNotFoundError:
+        cuda_torch = None
+    if cuda_torch is False:
+        assert findings["torch"]["status"] == "fail" and p.returncode == 1
+
+
+def test_nvml_error_is_reported(tmp_path):
+    p = lvllm("doctor", "--json", cwd=tmp_path,
+              env_extra={"PYTHONPATH": FAKE_NVML_DIR, "FAKE_NVML": json.dumps({"error": "Driver Not Loaded"})})
+    doc = json.loads(p.stdout)
+    assert doc["nvml_error"] == "NVML: Driver Not Loaded"
+    gpus = next(f for f in doc["findings"] if f["check"] == "gpus")
+    assert "Driver Not Loaded" in gpus["evidence"]
+
+
+def test_lk_isa_cap_is_reported(tmp_path):
+    from lvllm_cli import _lk_moe
+
+    if _lk_moe.best_isa() in ("scalar", "avx2"):
+        pytest.skip("this CPU has nothing above avx2 to cap")
+    doc = json.loads(lvllm("doctor", "--json", cwd=tmp_path, env_extra={"LK_ISA": "avx2"}).stdout)
+    isa = next(f for f in doc["findings"] if f["check"] == "cpu isa")
+    assert doc["kernel_variant"] == "avx2"
+    assert isa["status"] == "warn" and "LK_ISA=avx2" in isa["evidence"] and isa["fix"] == "unset LK_ISA"
