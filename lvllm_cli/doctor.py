@@ -113,6 +113,10 @@ def check_isa(ctx: Context) -> list[Finding]:
     variant = native.best_isa if engine_says else from_flags
     source = "the engine dispatches to" if engine_says else "from the CPU flags,"
     name = cpu.model or "unknown CPU"
+    capped = ctx.env.lk_isa_env if ctx.env else None
+    if variant == "scalar" and engine_says and from_flags != "scalar" and capped:
+        return [Finding("cpu isa", FAIL, f"{name}: LK_ISA={capped} forces scalar kernels (the CPU allows {from_flags})",
+                        "unset LK_ISA")]
     if variant == "scalar":
         lacking = missing_for("avx2", cpu.flags)
         return [Finding(
@@ -122,7 +126,6 @@ def check_isa(ctx: Context) -> list[Finding]:
             "through (e.g. QEMU -cpu host)",
         )]
     if engine_says and KERNEL_VARIANTS.index(variant) < KERNEL_VARIANTS.index(from_flags):
-        capped = ctx.env.lk_isa_env
         why = f"LK_ISA={capped} caps it" if capped else (
             "the kernel did not grant AMX tile state (needs Linux >= 5.16)" if from_flags == "amx" else
             "the OS does not enable the wider registers")

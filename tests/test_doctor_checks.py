@@ -167,6 +167,8 @@ def test_thp_never_warns(tmp_path):
     ({"nofile_hard": -1}, "open files", OK, "unlimited"),
     ({"lk_isa_env": "avx2", "native": NativeModule(loaded=True, best_isa="avx2", build_flavour="portable")},
      "cpu isa", WARN, "LK_ISA=avx2"),
+    ({"lk_isa_env": "scalar", "native": NativeModule(loaded=True, best_isa="scalar", build_flavour="portable")},
+     "cpu isa", FAIL, "LK_ISA=scalar forces"),
 ])
 def test_stack_findings(trees, change, check, status, needle):
     f = by_check(run_checks(trees["epyc"], good_stack(**change)))
