@@ -113,6 +113,10 @@ def check_isa(ctx: Context) -> list[Finding]:
     variant = native.best_isa if engine_says else from_flags
     source = "the engine dispatches to" if engine_says else "from the CPU flags,"
     name = cpu.model or "unknown CPU"
+    capped = ctx.env.lk_isa_env if ctx.env else None
+    if variant == "scalar" and engine_says and from_flags != "scalar" and capped:
+        return [Finding("cpu isa", FAIL, f"{name}: LK_ISA={capped} forces scalar kernels (the CPU allows {from_flags})",
+                        "unset LK_ISA")]
     if variant == "scalar":
         lacking = missing_for("avx2", cpu.flags)
         return [Finding(
@@ -122,7 +126,6 @@ def check_isa(ctx: Context) -> list[Finding]:
             "through (e.g. QEMU -cpu host)",
         )]
     if engine_says and KERNEL_VARIANTS.index(variant) < KERNEL_VARIANTS.index(from_flags):
-        capped = ctx.env.lk_isa_env
         why = f"LK_ISA={capped} caps it" if capped else (
             "the kernel did not grant AMX tile state (needs Linux >= 5.16)" if from_flags == "amx" else
             "the OS does not enable the wider registers")
@@ -160,6 +163,20 @@ def check_topology(ctx: Context) -> list[Finding]:
     )]
 
 
+def check_affinity(ctx: Context) -> list[Finding]:
+    env = ctx.env
+    if env is None or env.cpu_affinity is None:
+        return []
+    online = [c.id for c in ctx.machine.cpu.online]
+    allowed = [c for c in env.cpu_affinity if c in set(online)]
+    if online and len(allowed) < len(online):
+        return [Finding("cpu affinity", WARN,
+                        f"this process may run on {len(allowed)} of {len(online)} CPUs "
+                        f"({format_cpulist(allowed) or 'none'}); the engine can use only those",
+                        "drop the taskset/numactl restriction, or give the container all CPUs (--cpuset-cpus)")]
+    return [Finding("cpu affinity", OK, f"all {len(online)} CPUs usable", "")]
+
+
 def check_numa(ctx: Context) -> list[Finding]:
     m = ctx.machine
     nodes = m.numa
@@ -182,6 +199,11 @@ def check_numa(ctx: Context) -> list[Finding]:
         problems.append(f"memory unbalanced ({gib(min(mems))} to {gib(max(mems))} per node)")
         fixes.append("populate the same DIMMs in every channel of every socket; the engine splits experts "
                      "evenly, so the smallest node limits the model")
+    in_nodes = {c for n in nodes for c in n.cpus}
+    orphans = [c.id for c in m.cpu.online if c.id not in in_nodes]
+    if orphans:
+        problems.append(f"CPUs {format_cpulist(orphans)} belong to no node")
+        fixes.append("see the probe finding (a node's cpulist could not be read)")
     counts = [len(n.cpus) for n in cpu_nodes]
     if len(counts) > 1 and max(counts) != min(counts):
         problems.append(f"CPUs unbalanced ({min(counts)} to {max(counts)} per node)")
@@ -439,6 +461,7 @@ CHECKS = (
     check_isa,
     check_engine,
     check_topology,
+    check_affinity,
     check_numa,
     check_numa_balancing,
     check_memory,

@@ -40,7 +40,7 @@ def footprint(model_dir: str) -> ModelFootprint:
             raise ValueError(f"{cfg_path}: not a JSON object")
     estimate = expert_bytes_from_config(config) if config else None
     if estimate is not None:
-        return ModelFootprint(model_dir, estimate, checkpoint, "config.json (routed experts)")
+        return ModelFootprint(model_dir, estimate, checkpoint, "routed experts per config.json")
     if checkpoint:
         return ModelFootprint(model_dir, checkpoint, checkpoint, "*.safetensors total (upper bound)")
     raise ValueError(f"{model_dir}: no config.json with an MoE shape and no *.safetensors files")

@@ -50,6 +50,7 @@ class PythonStack:
     nofile_soft: int | None = None
     nofile_hard: int | None = None  # -1: unlimited
     lk_isa_env: str | None = None  # LK_ISA, the user's cap on the kernel family
+    cpu_affinity: list[int] | None = None  # CPUs this process may run on (taskset, container cpuset)
 
 
 def gather_stack() -> PythonStack:
@@ -58,6 +59,10 @@ def gather_stack() -> PythonStack:
     s.vllm_version = _dist_version("vllm")
     s.native = _native()
     s.lk_isa_env = os.environ.get("LK_ISA") or None
+    try:
+        s.cpu_affinity = sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        s.cpu_affinity = None
     s.libnuma_path, s.libnuma_error = _libnuma()
     s.libstdcxx = _libstdcxx(s.native.path)
     try:

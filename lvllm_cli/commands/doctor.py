@@ -56,6 +56,8 @@ def doctor(
                 _die(f"--model: {e}", "point --model at a checkpoint directory holding config.json and *.safetensors")
 
         machine = probe(root)
+        if cleanup:  # an extracted archive: name the archive, not the temp dir
+            machine.sysroot = os.path.abspath(root_arg)
         _report(machine, root, footprint, json_out)
     finally:
         if cleanup:
@@ -130,13 +132,16 @@ _STYLE = {"ok": "green", "warn": "yellow", "fail": "bold red"}
 
 def _print_table(machine, findings, verdict, variant) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
+    from rich.text import Text
 
-    console = Console()
+    # No emoji codes (":ab:" in a PCI bus id is one) and no guessing highlights: evidence is verbatim.
+    console = Console(emoji=False, highlight=False)
     cpu = machine.cpu
-    where = "" if machine.sysroot == "/" else f" [dim](captured: {machine.sysroot})[/dim]"
+    where = "" if machine.sysroot == "/" else f" (captured: {machine.sysroot})"
     console.print(
-        f"[bold]{cpu.model or 'unknown CPU'}[/bold]{where}: {cpu.sockets} socket(s), {cpu.physical_cores} cores, "
+        f"[bold]{escape(cpu.model or 'unknown CPU')}[/bold]{escape(where)}: {cpu.sockets} socket(s), {cpu.physical_cores} cores, "
         f"{len(machine.numa)} NUMA node(s), {machine.memory.total_bytes / (1 << 30):.0f} GiB RAM, "
         f"{len(machine.gpus)} GPU(s); expert kernels: [bold]{variant}[/bold]"
     )
@@ -147,7 +152,7 @@ def _print_table(machine, findings, verdict, variant) -> None:
     table.add_column("fix", overflow="fold")
     for f in findings:
         style = _STYLE.get(f.status, "")
-        table.add_row(f.check, f"[{style}]{f.status}[/{style}]", f.evidence, f.fix)
+        table.add_row(Text(f.check), Text(f.status, style=style), Text(f.evidence), Text(f.fix))
     console.print(table)
     counts = {s: sum(1 for f in findings if f.status == s) for s in ("ok", "warn", "fail")}
     style = _STYLE[verdict]

@@ -56,7 +56,8 @@ def read_nvml_gpus() -> tuple[list[GpuInfo], str | None]:
         return [], f"NVML: {e}"
     try:
         driver = _try(lambda: _str(pynvml.nvmlSystemGetDriverVersion()))
-        cuda = _try(lambda: _cuda_version(pynvml.nvmlSystemGetCudaDriverVersion_v2()))
+        cuda = _try(lambda: _cuda_version(pynvml.nvmlSystemGetCudaDriverVersion_v2())) or \
+            _try(lambda: _cuda_version(pynvml.nvmlSystemGetCudaDriverVersion()))
         gpus = []
         for i in range(pynvml.nvmlDeviceGetCount()):
             h = pynvml.nvmlDeviceGetHandleByIndex(i)
