@@ -4,7 +4,9 @@ Plain functions from (topology, settings) to groups, so every rule is
 testable on any machine.  Settings come from API arguments or from the
 environment the launcher sets:
 
-  LK_THREADS=N          workers in total (default: one per physical core)
+  LK_THREADS=N          workers in total (default: one per physical core, minus LK_RESERVE)
+  LK_RESERVE=N          cores left free for the threads that submit and wait (default 1): a
+                        worker sharing its core with a spinning waiter stalls every barrier
   LK_CPUS=0-15,32-47    exactly these CPUs, one worker each (overrides the rest)
   LK_NODES=0,1          only the CPUs of these NUMA nodes
   LK_VIRTUAL_NODES=N    split the chosen CPUs into N groups as if they were
@@ -35,6 +37,7 @@ class Settings:
     nodes: tuple[int, ...] | None = None
     virtual_nodes: int | None = None
     smt: bool = False
+    reserve: int = 1
 
 
 def settings_from_env(env: Mapping[str, str]) -> Settings:
@@ -59,7 +62,11 @@ def settings_from_env(env: Mapping[str, str]) -> Settings:
         except ValueError as exc:
             raise ValueError(f"{name}={raw!r}: {exc}") from None
 
+    reserve_raw = env.get("LK_RESERVE", "").strip()
+    if reserve_raw and not (reserve_raw.isdigit()):
+        raise ValueError(f"LK_RESERVE={reserve_raw!r} is not a whole number of cores")
     return Settings(
+        reserve=int(reserve_raw) if reserve_raw else 1,
         threads=_int("LK_THREADS"),
         cpus=_list("LK_CPUS"),
         nodes=_list("LK_NODES"),
@@ -119,6 +126,12 @@ def plan_groups(topology: Sequence[LogicalCpu], allowed: set[int], s: Settings) 
         by_node = {}
         for c in sorted(pool, key=lambda c: (c.node, c.id)):
             by_node.setdefault(c.node, []).append(c.id)
+        if s.threads is None and s.reserve > 0:
+            # Leave the reserve on the first node (where the submitting thread usually runs); never go below one worker.
+            first = min(by_node)
+            keep = max(1, len(by_node[first]) - s.reserve) if len(by_node) == 1 else max(0, len(by_node[first]) - s.reserve)
+            by_node[first] = by_node[first][:keep]
+            by_node = {n: v for n, v in by_node.items() if v}
         if s.threads is not None:
             available = sum(len(v) for v in by_node.values())
             if s.threads <= available:

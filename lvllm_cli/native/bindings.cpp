@@ -89,6 +89,11 @@ nb::dict stats_dict(const lk::EngineStats& s) {
   d["assignments"] = s.assignments;
   d["invalid_ids"] = s.invalid_ids;
   d["busy_ns"] = s.busy_ns;
+  nb::dict ph;
+  ph["route"] = s.route_ns; ph["gather"] = s.gather_ns; ph["gate_up"] = s.gateup_ns; ph["down"] = s.down_ns;
+  ph["reduce"] = s.reduce_ns; ph["gate_up_work_max"] = s.gateup_work_max_ns; ph["gate_up_work_mean"] = s.gateup_work_mean_ns;
+  ph["down_work_max"] = s.down_work_max_ns; ph["down_work_mean"] = s.down_work_mean_ns;
+  d["phase_ns"] = ph;
   return d;
 }
 

@@ -1,6 +1,7 @@
 #include "engine.h"
 
 #include <algorithm>
+#include <array>
 #include <chrono>
 #include <stdexcept>
 
@@ -69,6 +70,8 @@ struct Engine::Job {
     int fixup_block = -1;
   };
   std::vector<Worker> workers;
+  // Per worker: timestamps at phase boundaries (see run_job).
+  std::vector<std::array<int64_t, 8>> marks;
 
   std::atomic<uint64_t> invalid{0};
   std::atomic<int64_t> end_ns{0};
@@ -89,6 +92,7 @@ Engine::Engine(EngineConfig cfg) : cfg_(std::move(cfg)) {
   job_ = std::make_unique<Job>();
   job_->groups.resize(pool_->num_groups());
   job_->workers.resize(pool_->total());
+  job_->marks.resize(pool_->total());
 }
 
 Engine::~Engine() {
@@ -102,6 +106,8 @@ EngineStats Engine::stats() const {
   s.assignments = assignments_.load();
   s.invalid_ids = invalid_.load();
   s.busy_ns = busy_ns_.load();
+  s.route_ns = ph_[0]; s.gather_ns = ph_[1]; s.gateup_ns = ph_[2]; s.down_ns = ph_[3]; s.reduce_ns = ph_[4];
+  s.gateup_work_max_ns = ph_[5]; s.gateup_work_mean_ns = ph_[6]; s.down_work_max_ns = ph_[7]; s.down_work_mean_ns = ph_[8];
   return s;
 }
 
@@ -111,6 +117,7 @@ void Engine::reset_stats() {
   assignments_ = 0;
   invalid_ = 0;
   busy_ns_ = 0;
+  for (auto& p : ph_) p = 0;
 }
 
 void Engine::reserve(int tokens, int k, const MoELayer& layer) {
@@ -360,16 +367,25 @@ void Engine::run_job(void* ctx, const WorkerInfo& w) {
     if (b < e) j.pf_fn(j.pf_ctx, b, e, w);
     return;
   }
+  auto& mk = j.marks[w.gid];
+  mk[0] = now_ns();
   if (w.gid == 0) route(j);
   P.barrier_all(w);
+  mk[1] = now_ns();
   gather(j, w, P.total());
   P.barrier_all(w);
+  mk[2] = now_ns();
   phase1(j, w, P.group_size(w.group));
+  mk[3] = now_ns();
   P.barrier_group(w);
+  mk[4] = now_ns();
   phase2(j, w, P.group_size(w.group));
+  mk[5] = now_ns();
   P.barrier_all(w);
+  mk[6] = now_ns();
   reduce(j, w, P);
-  int64_t t = now_ns(), prev = j.end_ns.load();
+  mk[7] = now_ns();
+  int64_t t = mk[7], prev = j.end_ns.load();
   while (t > prev && !j.end_ns.compare_exchange_weak(prev, t)) {
   }
 }
@@ -414,6 +430,24 @@ void Engine::wait() {
     busy_ns_.fetch_add(uint64_t(j.end_ns.load() - j.start_ns), std::memory_order_relaxed);
     assignments_.fetch_add(uint64_t(j.A), std::memory_order_relaxed);
     invalid_.fetch_add(j.invalid.exchange(0), std::memory_order_relaxed);
+    const auto& m0 = j.marks[0];
+    ph_[0] += m0[1] - m0[0];
+    ph_[1] += m0[2] - m0[1];
+    ph_[2] += m0[4] - m0[2];
+    ph_[3] += m0[6] - m0[4];
+    ph_[4] += m0[7] - m0[6];
+    int64_t p1max = 0, p1sum = 0, p2max = 0, p2sum = 0;
+    for (const auto& m : j.marks) {
+      p1max = std::max(p1max, m[3] - m[2]);
+      p1sum += m[3] - m[2];
+      p2max = std::max(p2max, m[5] - m[4]);
+      p2sum += m[5] - m[4];
+    }
+    const int64_t n = int64_t(j.marks.size());
+    ph_[5] += p1max;
+    ph_[6] += p1sum / n;
+    ph_[7] += p2max;
+    ph_[8] += p2sum / n;
     j.layer = nullptr;
   }
 }

@@ -48,6 +48,11 @@ struct EngineStats {
   uint64_t assignments = 0;  // token x expert pairs computed
   uint64_t invalid_ids = 0;  // expert ids out of range (skipped)
   uint64_t busy_ns = 0;      // submit -> completion
+  // Sums over calls, ns: wall time of each phase (seen by worker 0) and the
+  // slowest / average worker's own work in the two expert phases (their gap
+  // is load imbalance).
+  uint64_t route_ns = 0, gather_ns = 0, gateup_ns = 0, down_ns = 0, reduce_ns = 0;
+  uint64_t gateup_work_max_ns = 0, gateup_work_mean_ns = 0, down_work_max_ns = 0, down_work_mean_ns = 0;
 };
 
 class Engine {
@@ -86,6 +91,7 @@ class Engine {
   std::unique_ptr<Job> job_;
   std::mutex submit_mu_;
   std::atomic<uint64_t> calls_{0}, tokens_{0}, assignments_{0}, invalid_{0}, busy_ns_{0};
+  std::atomic<uint64_t> ph_[9] = {};
   int64_t t_submit_ = 0;
 };
 

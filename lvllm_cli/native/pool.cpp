@@ -103,23 +103,27 @@ void Pool::submit(JobFn fn, void* ctx) {
 
 void Pool::wait() {
   int64_t deadline = now_ns() + spin_ns_;
-  int n = 0;
-  for (;;) {
+  for (int n = 1;; ++n) {
     uint32_t target = job_seq_.load(std::memory_order_acquire);
     uint32_t d = done_seq_.load(std::memory_order_acquire);
     if (d == target) return;
-    if ((++n & 255) == 0 && now_ns() > deadline) {
-      waiter_sleeping_.store(1);
-      // Re-check after announcing (seq_cst), so a completion in between is not missed.
-      d = done_seq_.load();
-      if (d != target) {
-        struct timespec ts = {0, 1000000};  // 1 ms cap: robust against a lost wake-up
-        syscall(SYS_futex, reinterpret_cast<uint32_t*>(&done_seq_), FUTEX_WAIT_PRIVATE, d, &ts, nullptr, 0);
-      }
-      waiter_sleeping_.store(0, std::memory_order_release);
-    } else {
+    if ((n & 255) != 0) {
       LK_PAUSE();
+      continue;
     }
+    if (now_ns() <= deadline) {
+      // If a worker shares our core, let it run instead of spinning it off the CPU.
+      sched_yield();
+      continue;
+    }
+    waiter_sleeping_.store(1);
+    // Re-check after announcing (seq_cst), so a completion in between is not missed.
+    d = done_seq_.load();
+    if (d != target) {
+      struct timespec ts = {0, 1000000};  // 1 ms cap: robust against a lost wake-up
+      syscall(SYS_futex, reinterpret_cast<uint32_t*>(&done_seq_), FUTEX_WAIT_PRIVATE, d, &ts, nullptr, 0);
+    }
+    waiter_sleeping_.store(0);
   }
 }
 
