@@ -3,11 +3,17 @@ it reports equal the values computed here from the increments and observations w
 
 from __future__ import annotations
 
+import io
+import json
 import math
 import random
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from rich.console import Console
 
+from lvllm_cli.monitor import view
 from lvllm_cli.monitor.poller import Poller, snapshot
 from monitor_fakes import E2E_BUCKETS, ITL_BUCKETS, TTFT_BUCKETS, FakeVllm, close, ref_quantile
 
@@ -190,3 +196,37 @@ def test_snapshot_schema_keys(fake):
     assert d["prompt_tokens_per_s"] == 5.0 and d["interval_s"] == 2.0
     assert d["ttft_count"] == 1 and d["itl_count"] == 0 and d["itl_p50_s"] is None
     assert d["e2e_count"] is None and d["e2e_p50_s"] is None  # not published at all
+
+
+# ---------------------------------------------------------------- anything the server may send
+
+_names = ["vllm:prompt_tokens_total", "vllm:generation_tokens_total", "vllm:num_requests_running",
+          "vllm:kv_cache_usage_perc", "vllm:time_to_first_token_seconds_bucket", "vllm:inter_token_latency_seconds_bucket",
+          "vllm:e2e_request_latency_seconds_count", "vllm:request_success_total"]
+_values = ["0", "1", "-1", "1e308", "-1e308", "NaN", "+Inf", "-Inf", "3.5", "1e-320", "x"]
+_labels = ['', '{le="0.1"}', '{le="+Inf"}', '{le="abc"}', '{le="NaN"}', '{model_name="m",engine="0"}',
+           '{model_name="m",le="0.5"}', '{engine="1",le="-Inf"}', '{le="1e308"}', '{']
+
+
+@st.composite
+def _pages(draw):
+    lines = draw(st.lists(st.tuples(st.sampled_from(_names), st.sampled_from(_labels), st.sampled_from(_values)), max_size=25))
+    junk = draw(st.lists(st.text(max_size=20), max_size=3))
+    return "\n".join(f"{n}{lab} {v}" for n, lab, v in lines) + "\n" + "\n".join(junk)
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(pages=st.lists(_pages(), min_size=2, max_size=3))
+def test_fuzz_any_page_sequence_gives_a_frame_and_valid_json(fake, pages):
+    clock = Clock()
+    poller = Poller(fake.url, local=False, clock=clock)
+    console = Console(file=io.StringIO(), width=120)
+    for page in pages:
+        fake.body_override = page.encode("utf-8", "surrogatepass")
+        clock.t += 1
+        frame = poller.poll()
+        json.dumps(snapshot(frame), allow_nan=False)
+        for render in (view.requests_panel, view.latency_panel, view.engine_panel, view.cpu_panel, view.gpu_panel):
+            console.print(render(frame))
+        console.print(view.status_line(frame, 1.0))
+        console.print(view.throughput_line("prefill", frame.vllm.prompt_tokens_per_s, frame.vllm.rate_window_s))

@@ -93,7 +93,7 @@ def _once(url, api_key, interval, filters, dirs, timeout, as_json) -> int:
             if key in filters and filters[key] not in have:
                 problem = f"no series with {key}={filters[key]!r}; the server has: {', '.join(have) or 'none'}"
     if as_json:
-        typer.echo(json.dumps(snapshot(frame), indent=2))
+        typer.echo(json.dumps(snapshot(frame), indent=2, allow_nan=False))
     elif not problem:
         Console().print(view.once_report(frame))
     if problem:

@@ -1,8 +1,8 @@
 """The live dashboard (Textual). Thin: the Poller computes, view.py formats, this lays out.
 
 Standalone:      MonitorApp(url).run()
-From serve:      MonitorApp(url, server=PopenServer(proc, log_path)).run()
-                 → returns QUIT, SERVER_STOPPED, SERVER_KEPT or SERVER_EXITED (see docs/notes/monitor.md)
+From serve:      run_attached(url, proc, log_path)  (see docs/notes/monitor.md)
+                 → SERVER_STOPPED, SERVER_KEPT or SERVER_EXITED
 """
 
 from __future__ import annotations
@@ -71,13 +71,11 @@ class MonitorApp(App[str]):
     CSS = """
     Screen { layout: vertical; }
     #status { height: auto; padding: 0 1; background: $boost; }
-    #top { height: auto; grid-size: 2; grid-columns: 3fr 2fr; grid-gutter: 0 1; }
+    #panels { height: auto; grid-size: 2; grid-columns: 1fr 1fr; grid-rows: auto; grid-gutter: 0 1; }
     #throughput { border: round $primary 60%; padding: 0 1; height: auto; }
-    #throughput Sparkline { height: 2; margin-bottom: 0; }
-    #bottom { height: auto; grid-size: 3; grid-columns: 1fr 1fr 1fr; grid-gutter: 0 1; }
+    #throughput Sparkline { height: 2; }
     #log { border: round $secondary 60%; height: 1fr; min-height: 5; }
-    .narrow #top { grid-size: 1; grid-columns: 1fr; }
-    .narrow #bottom { grid-size: 1; grid-columns: 1fr; }
+    .narrow #panels { grid-size: 1; grid-columns: 1fr; }
     .hidden { display: none; }
     """
     BINDINGS = [
@@ -119,19 +117,18 @@ class MonitorApp(App[str]):
 
     def compose(self) -> ComposeResult:
         yield Static(view.status_line(None, self.interval), id="status")
-        with Grid(id="top"):
+        with Grid(id="panels"):
             with Vertical(id="throughput"):
                 yield Static("", id="prefill-line")
                 yield Sparkline([], id="prefill-spark")
                 yield Static("", id="decode-line")
                 yield Sparkline([], id="decode-spark")
             yield Panel("Requests", id="requests")
-        yield Panel("Latency", id="latency")
-        with Grid(id="bottom"):
+            yield Panel("Latency", id="latency")
+            yield Panel("CPU experts", id="experts")
             yield Panel("CPU", id="cpu")
             yield Panel("GPU", id="gpu")
-            yield Panel("CPU experts", id="experts")
-        log = RichLog(id="log", max_lines=5000, markup=False, wrap=False, auto_scroll=True)
+        log = RichLog(id="log", max_lines=5000, markup=False, wrap=True, min_width=20, auto_scroll=True)
         log.border_title = "Server log"
         if self._log_tail is None:
             log.add_class("hidden")
@@ -165,7 +162,11 @@ class MonitorApp(App[str]):
             return
         self._polling = True
         try:
-            frame = await asyncio.to_thread(self.poller.poll)
+            try:
+                frame = await asyncio.to_thread(self.poller.poll)
+            except Exception as exc:  # a bug of ours must not take the dashboard (or the server) down
+                self.notify(f"monitor error: {type(exc).__name__}: {exc}", severity="error", timeout=5)
+                return
             if self._pending_filters is not None:
                 frame = self.poller.refilter(self._pending_filters) or frame
                 self._pending_filters = None
@@ -180,8 +181,10 @@ class MonitorApp(App[str]):
         lines = self._log_tail.read_new()
         if lines:
             log = self._q("#log", RichLog)
+            # RichLog measures text against the console width; wrap at the pane's own width instead.
+            width = log.scrollable_content_region.width or None
             for line in lines:
-                log.write(Text.from_ansi(line))
+                log.write(Text.from_ansi(line), width=width)
 
     def server_note(self) -> str:
         if self.server is None:
@@ -272,3 +275,16 @@ class MonitorApp(App[str]):
 
     def on_unmount(self) -> None:
         self.poller.close()
+
+
+def run_attached(url: str, proc, log_path, *, api_key: str | None = None, interval: float = 1.0, **run_kwargs) -> str:
+    """`lvllm serve --monitor`: the dashboard on the server `proc` (a Popen started with
+    start_new_session=True, stdout+stderr to `log_path`). Returns SERVER_STOPPED,
+    SERVER_KEPT (user left it running) or SERVER_EXITED (it died on its own)."""
+    from lvllm_cli.monitor.server import PopenServer
+
+    server = PopenServer(proc, log_path)
+    result = MonitorApp(url, api_key=api_key, interval=interval, server=server).run(**run_kwargs)
+    if result is None:  # the dashboard ended some other way (it failed): that must not take the server down
+        return SERVER_EXITED if not server.is_running() else SERVER_KEPT
+    return result

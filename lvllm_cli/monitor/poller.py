@@ -6,6 +6,7 @@ the rates and windowed quantiles need. No UI code here.
 
 from __future__ import annotations
 
+import math
 import time
 import urllib.parse
 from collections import deque
@@ -152,7 +153,10 @@ SCHEMA = "lvllm.monitor/1"
 
 
 def _r(x: float | None, nd: int = 6) -> float | None:
-    return None if x is None else round(float(x), nd)
+    """Rounded, and None for NaN/inf (which JSON cannot carry) as for missing."""
+    if x is None or not math.isfinite(x):
+        return None
+    return round(float(x), nd)
 
 
 def snapshot(frame: Frame) -> dict:
@@ -165,7 +169,7 @@ def snapshot(frame: Frame) -> dict:
         "server_up": frame.up,
         "error": frame.error or None,
         "is_vllm": frame.is_vllm,
-        "interval_s": _r(v.rate_window_s, 3) if v.rate_window_s else None,
+        "interval_s": _r(v.rate_window_s, 6) if v.rate_window_s else None,
         "model_name": frame.filters.get("model_name"),
         "engine": frame.filters.get("engine"),
         "models": frame.models,
@@ -173,19 +177,19 @@ def snapshot(frame: Frame) -> dict:
         "prompt_tokens_per_s": _r(v.prompt_tokens_per_s, 3),
         "generation_tokens_per_s": _r(v.generation_tokens_per_s, 3),
         "requests_finished_per_s": _r(v.requests_finished_per_s, 4),
-        "requests_running": v.requests_running,
-        "requests_waiting": v.requests_waiting,
+        "requests_running": _r(v.requests_running, 3),
+        "requests_waiting": _r(v.requests_waiting, 3),
         "kv_cache_usage": _r(v.kv_cache_usage, 6),
     }
     for key in figures.LATENCIES:
         lat = v.latency.get(key)
-        out[f"{key}_count"] = None if lat is None else lat.count
+        out[f"{key}_count"] = None if lat is None else _r(lat.count, 3)
         for q in figures.QUANTILES:
             out[f"{key}_p{round(q * 100)}_s"] = None if lat is None else _r(lat.q(q))
     e = frame.engine
     out["moe"] = None if e is None else {
         "workers": e.workers,
-        "threads": e.threads,
+        "threads": _r(e.threads, 3),
         "calls_per_s": _r(e.calls_per_s, 3),
         "cpu_s_per_call": _r(e.cpu_s_per_call, 9),
         "cpu_busy": _r(e.cpu_busy, 4),
@@ -203,7 +207,7 @@ def snapshot(frame: Frame) -> dict:
         "ram_used_bytes": s.ram_used_bytes,
         "ram_total_bytes": s.ram_total_bytes,
         "gpus": [
-            {"index": g.index, "name": g.name, "util": g.util, "mem_used_bytes": g.mem_used_bytes,
+            {"index": g.index, "name": g.name, "util": _r(g.util, 4), "mem_used_bytes": g.mem_used_bytes,
              "mem_total_bytes": g.mem_total_bytes, "power_w": _r(g.power_w, 1), "power_limit_w": _r(g.power_limit_w, 1)}
             for g in s.gpus
         ],

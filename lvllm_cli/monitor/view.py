@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 
 from rich.table import Table
@@ -13,20 +14,22 @@ from lvllm_cli.monitor.poller import Frame
 DASH = "—"
 
 
+def _missing(x: float | None) -> bool:
+    return x is None or not math.isfinite(x)
+
+
 def fmt_num(x: float | None, digits: int = 1) -> str:
-    if x is None:
+    if _missing(x):
         return DASH
     return f"{x:,.{digits}f}"
 
 
 def fmt_count(x: float | None) -> str:
-    return DASH if x is None else f"{x:,.0f}"
+    return DASH if _missing(x) else f"{x:,.0f}"
 
 
 def fmt_seconds(s: float | None) -> str:
-    if s is None:
-        return DASH
-    if s != s or s in (float("inf"), float("-inf")):
+    if _missing(s):
         return DASH
     a = abs(s)
     if a < 1e-3:
@@ -39,11 +42,11 @@ def fmt_seconds(s: float | None) -> str:
 
 
 def fmt_pct(f: float | None, digits: int = 1) -> str:
-    return DASH if f is None else f"{f * 100:.{digits}f} %"
+    return DASH if _missing(f) else f"{f * 100:.{digits}f} %"
 
 
 def fmt_bytes(b: float | None) -> str:
-    if b is None:
+    if _missing(b):
         return DASH
     for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if abs(b) >= scale:
@@ -52,7 +55,7 @@ def fmt_bytes(b: float | None) -> str:
 
 
 def bar(frac: float | None, width: int = 12) -> Text:
-    if frac is None:
+    if _missing(frac):
         return Text("·" * width, style="dim")
     frac = min(1.0, max(0.0, frac))
     full = round(frac * width)
@@ -148,22 +151,27 @@ def latency_panel(frame: Frame) -> Table:
     return tab
 
 
+def fmt_gib_pair(used: float | None, total: float | None) -> str:
+    if _missing(used) or _missing(total):
+        return DASH
+    return f"{used / 2**30:.0f}/{total / 2**30:.0f} GiB" if total >= 10 * 2**30 else f"{fmt_bytes(used)}/{fmt_bytes(total)}"
+
+
 def cpu_panel(frame: Frame) -> Table | Text:
     s = frame.system
     if s is None:
         return Text("CPU figures only for a server on this machine", style="dim")
     tab = Table.grid(padding=(0, 1))
-    tab.add_column(style="bold")
-    tab.add_column()
-    tab.add_column(justify="right")
-    tab.add_column(style="dim")
+    tab.add_column(style="bold", no_wrap=True)
+    tab.add_column(no_wrap=True)
+    tab.add_column(justify="right", no_wrap=True)
+    tab.add_column(style="dim", no_wrap=True)
     for node, util in s.node_util.items():
         mem = s.node_mem.get(node)
-        mem_s = f"mem {fmt_bytes(mem[0] - mem[1])} / {fmt_bytes(mem[0])}" if mem else ""
-        tab.add_row(f"node {node}", bar(util), fmt_pct(util, 0), mem_s)
-    tab.add_row("vLLM", bar(s.vllm_cpu_share), fmt_pct(s.vllm_cpu_share, 0), f"of all CPUs, {s.vllm_processes} processes")
+        tab.add_row(f"node {node}", bar(util), fmt_pct(util, 0), f"mem {fmt_gib_pair(mem[0] - mem[1], mem[0])}" if mem else "")
+    tab.add_row("vLLM", bar(s.vllm_cpu_share), fmt_pct(s.vllm_cpu_share, 0), f"of all CPUs ({s.vllm_processes} procs)")
     ram = s.ram_used_bytes / s.ram_total_bytes if s.ram_total_bytes else None
-    tab.add_row("RAM", bar(ram), fmt_pct(ram, 0), f"{fmt_bytes(s.ram_used_bytes)} / {fmt_bytes(s.ram_total_bytes)}")
+    tab.add_row("RAM", bar(ram), fmt_pct(ram, 0), fmt_gib_pair(s.ram_used_bytes, s.ram_total_bytes))
     return tab
 
 
@@ -174,16 +182,15 @@ def gpu_panel(frame: Frame) -> Table | Text:
     if not s.gpus:
         return Text(s.gpu_note or "no GPUs found", style="dim")
     tab = Table.grid(padding=(0, 1))
-    tab.add_column(style="bold")
-    tab.add_column()
-    tab.add_column(justify="right")
-    tab.add_column(justify="right")
-    tab.add_column(justify="right", style="dim")
+    tab.add_column(style="bold", no_wrap=True)
+    tab.add_column(no_wrap=True)
+    tab.add_column(justify="right", no_wrap=True)
+    tab.add_column(justify="right", no_wrap=True)
+    tab.add_column(justify="right", style="dim", no_wrap=True)
     for g in s.gpus:
-        mem = (g.mem_used_bytes / g.mem_total_bytes) if g.mem_used_bytes is not None and g.mem_total_bytes else None
-        power = DASH if g.power_w is None else f"{g.power_w:.0f} W" + ("" if g.power_limit_w is None else f" / {g.power_limit_w:.0f}")
-        tab.add_row(f"{g.index} {g.name[:18]}", bar(g.util, 8), fmt_pct(g.util, 0),
-                    f"{fmt_bytes(g.mem_used_bytes)} / {fmt_bytes(g.mem_total_bytes)} ({fmt_pct(mem, 0)})", power)
+        name = g.name.removeprefix("NVIDIA ").removeprefix("GeForce ")
+        power = DASH if g.power_w is None else f"{g.power_w:.0f}" + ("" if g.power_limit_w is None else f"/{g.power_limit_w:.0f}") + " W"
+        tab.add_row(f"{g.index} {name[:16]}", bar(g.util, 8), fmt_pct(g.util, 0), fmt_gib_pair(g.mem_used_bytes, g.mem_total_bytes), power)
     return tab
 
 
@@ -192,16 +199,15 @@ def engine_panel(frame: Frame) -> Table | Text:
     if e is None:
         return Text(frame.engine_note or "no CPU-expert figures", style="dim")
     tab = Table.grid(padding=(0, 1))
-    tab.add_column(style="bold")
-    tab.add_column(justify="right")
-    tab.add_column(style="dim")
-    tab.add_row("CPU time/call", fmt_seconds(e.cpu_s_per_call), f"{fmt_num(e.calls_per_s)} calls/s")
-    tab.add_row("CPU busy", fmt_pct(e.cpu_busy, 0), "engine time per wall second")
-    tab.add_row("tokens CPU", fmt_num(e.cpu_tokens_per_s), "/s (per layer call)")
-    tab.add_row("tokens GPU", fmt_num(e.gpu_tokens_per_s), "/s (per layer call)")
-    tab.add_row("CPU share", fmt_pct(e.cpu_token_share), "of expert-layer tokens")
+    tab.add_column(style="bold", no_wrap=True)
+    tab.add_column(justify="right", no_wrap=True)
+    tab.add_column(style="bold", no_wrap=True)
+    tab.add_column(justify="right", no_wrap=True)
     threads = DASH if e.threads is None else f"{e.threads:.0f}"
-    tab.add_row("threads", threads, f"in {e.workers} worker{'s' if e.workers != 1 else ''}")
+    tab.add_row("CPU time/call", fmt_seconds(e.cpu_s_per_call), "calls/s", fmt_num(e.calls_per_s, 0))
+    tab.add_row("CPU busy", fmt_pct(e.cpu_busy, 0), "threads", f"{threads} ({e.workers} proc{'s' if e.workers != 1 else ''})")
+    tab.add_row("tokens/s CPU", fmt_num(e.cpu_tokens_per_s, 0), "GPU", fmt_num(e.gpu_tokens_per_s, 0))
+    tab.add_row("CPU share", fmt_pct(e.cpu_token_share), "", "")
     return tab
 
 
