@@ -133,3 +133,19 @@ def test_gpu_reader_without_driver_is_quiet():
     if not gpus:
         assert reader.note or os.path.exists("/dev/nvidiactl")
     reader.close()
+
+
+def test_server_found_by_its_listening_port(tmp_path):
+    code = ("import socket,subprocess,sys,time\n"
+            "s=socket.socket(); s.bind(('127.0.0.1',0)); s.listen(1)\n"
+            "c=subprocess.Popen([sys.executable,'-c','import time; time.sleep(30)'])\n"
+            "print(s.getsockname()[1], flush=True); time.sleep(30)\n")
+    server = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        port = int(server.stdout.readline())
+        sampler = system.SystemSampler(port=port, gpus=False)
+        assert sampler.sample().vllm_processes == 2  # the listener and its child
+    finally:
+        for p in system.find_vllm_processes(server.pid):
+            p.kill()
+        server.wait(5)

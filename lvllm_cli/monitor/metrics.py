@@ -297,14 +297,18 @@ def _explain(exc: BaseException, url: str, timeout: float) -> str:
     return f"bad answer from {host}: {type(exc).__name__}: {exc}"
 
 
-def fetch(url: str, api_key: str | None = None, timeout: float = 2.0, max_bytes: int = MAX_BODY_BYTES) -> FetchResult:
-    """GET the metrics page. Never raises: every failure comes back as FetchResult(ok=False, error=...)."""
+def fetch(url: str, api_key: str | None = None, timeout: float = 2.0, max_bytes: int = MAX_BODY_BYTES,
+          local: bool | None = None) -> FetchResult:
+    """GET the metrics page. Never raises: every failure comes back as FetchResult(ok=False, error=...).
+
+    `local` (is the host this machine?) may be passed in to spare a DNS lookup per scrape.
+    """
     try:
         req = urllib.request.Request(url, headers={"Accept": "text/plain;version=0.0.4", "User-Agent": "lvllm-monitor"})
         if api_key:
             req.add_header("Authorization", f"Bearer {api_key}")
         handlers: list = [_NoRedirect()]
-        if is_local_url(url):
+        if is_local_url(url) if local is None else local:
             handlers.append(urllib.request.ProxyHandler({}))  # a proxy cannot reach our loopback
         opener = urllib.request.build_opener(*handlers)
         with opener.open(req, timeout=timeout) as resp:

@@ -66,7 +66,9 @@ class Poller:
         self.filters: dict[str, str] = dict(filters or {})
         self.rate_window_s = rate_window_s
         self.latency_window_s = latency_window_s
-        self.local = metrics.is_local_url(self.url) if local is None else local
+        self._host_is_local = metrics.is_local_url(self.url)
+        # `local` can be forced (tests, a server in a container with a published port)
+        self.local = self._host_is_local if local is None else local
         self.metrics_dirs = metrics_dirs if metrics_dirs is not None else engine_metrics.candidate_dirs()
         self.timeout = timeout
         self.clock = clock
@@ -87,7 +89,7 @@ class Poller:
             hist.popleft()
 
     def scrape(self) -> tuple[metrics.FetchResult, Scrape | None]:
-        res = metrics.fetch(self.url, self.api_key, self.timeout)
+        res = metrics.fetch(self.url, self.api_key, self.timeout, local=self._host_is_local)
         if not res.ok:
             return res, None
         return res, metrics.parse_exposition(res.text, self.clock())

@@ -214,22 +214,20 @@ def listening_pid(port: int) -> int | None:
     return None
 
 
-def find_vllm_processes(server_pid: int | None = None, port: int | None = None) -> list:
-    """The server's processes: the given pid (or the one listening on `port`) and all its
-    descendants; failing both, every process that looks like vLLM by name."""
+def find_vllm_processes(root_pid: int | None = None) -> list:
+    """The server's processes: `root_pid` and all its descendants (vLLM's engine core and
+    workers are children of the API server); without it, every process that looks like vLLM.
+    Never ourselves (a monitor started from the server's process would count itself)."""
     import psutil
 
-    root = server_pid if server_pid is not None else (listening_pid(port) if port else None)
-    if root is not None:
+    me = os.getpid()
+    if root_pid is not None:
         try:
-            p = psutil.Process(root)
-            # vLLM's engine core and workers are children of the API server: take the whole tree,
-            # less ourselves (a monitor started from the server's process would count itself).
-            return [q for q in [p, *p.children(recursive=True)] if q.pid != os.getpid()]
+            p = psutil.Process(root_pid)
+            return [q for q in [p, *p.children(recursive=True)] if q.pid != me]
         except psutil.Error:
             pass
     found = []
-    me = os.getpid()
     for p in psutil.process_iter(["name", "cmdline"]):
         try:
             if p.pid != me and is_vllm_process(p.info.get("name") or "", p.info.get("cmdline") or []):
@@ -265,6 +263,7 @@ class SystemSampler:
         self._prev_stat = read_proc_stat(sysroot)
         self._proc_times: dict[int, float] = {}
         self._procs: list | None = None
+        self._listener: int | None = None
         self._procs_at = 0.0
         self._prev_wall: float | None = None
         self._gpu = GpuReader() if gpus else None
@@ -279,7 +278,13 @@ class SystemSampler:
         now = time.monotonic()
         # Finding the processes walks all of /proc; the set changes rarely, so refresh it every few seconds.
         if self._procs is None or now - self._procs_at > self.PROCESS_REFRESH_S:
-            self._procs = find_vllm_processes(self.server_pid, self.port)
+            root = self.server_pid
+            if root is None and self.port:
+                # who listens on the URL's port: asked again only when that process is gone
+                if self._listener is None or not psutil.pid_exists(self._listener):
+                    self._listener = listening_pid(self.port)
+                root = self._listener
+            self._procs = find_vllm_processes(root)
             self._procs_at = now
         procs = self._procs
         times: dict[int, float] = {}
