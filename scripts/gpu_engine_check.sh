@@ -30,4 +30,5 @@ for f in ("bench.json", "bench_vn2.json"):
     for r in d["rows"]:
         print(f"  {r['model']:15} {r['mode']:8} M={r['tokens']:<5} {r['kernel']:12} {r['us_per_layer']:>9.0f} us "
               f"{r['gbps']:6.1f} GB/s {r['pct_of_bandwidth']:5.1f}%  {r['tflops']:6.2f} TF  torch x{r['torch_ratio']}")
+        print("     phases us:", r.get("phases_us"))
 PY

@@ -39,6 +39,7 @@ class Row:
     torch_us_per_layer: float | None
     torch_ratio: float | None  # torch time / engine time (> 1: engine faster)
     bandwidth_gbps: float
+    phases_us: dict | None = None  # engine phase times per call (see EngineStats)
 
 
 def expert_bytes(hidden: int, inter: int, dtype_bytes: int = 2) -> int:
@@ -180,7 +181,10 @@ def bench_moe(
                 args = (x.data_ptr(), "bfloat16", ids.data_ptr(), False, tw.data_ptr(), t, k, out.data_ptr(), "bfloat16",
                         ROUTING_STEPS)
                 lk.time_layers([l.native for l in layers], *args, 1)  # warm-up pass
+                engine.reset_stats()
                 ns = lk.time_layers([l.native for l in layers], *args, max(passes, 5 if t == 1 else passes))
+                st = engine.stats()
+                phases = {k2: round(v / max(st["calls"], 1) / 1e3, 1) for k2, v in st["phase_ns"].items()}
                 us = _median_us(ns)
                 # Weight bytes one call streams: its distinct experts (averaged over the routings).
                 active = sum(int(torch.unique(ids[s]).numel()) for s in range(ROUTING_STEPS)) / ROUTING_STEPS
@@ -196,6 +200,7 @@ def bench_moe(
                         torch_us_per_layer=round(tus, 1) if tus else None,
                         torch_ratio=round(tus / us, 2) if tus else None,
                         bandwidth_gbps=round(bandwidth, 1),
+                        phases_us=phases,
                     )
                 )
                 progress(f"{name} {mode} M={t}: {us:.0f} us/layer, {gbps:.1f} GB/s ({100 * gbps / bandwidth:.0f}% of bandwidth)")
