@@ -15,6 +15,7 @@ lscpu > "$OUT/lscpu.txt"
 python3 -c "from lvllm_cli import _lk_moe as m; print('features', m.cpu_features()); print('best', m.best_isa(), m.numa_status())"
 python3 -m lvllm_cli doctor --json > "$OUT/doctor.json"; python3 -m lvllm_cli doctor 2>&1 | tail -12
 timeout 300 python3 -m pytest -q -x -p no:cacheprovider "$REPO/tests/test_engine.py" "$REPO/tests/test_hostcalls.py" 2>&1 | tail -4
+python3 "$REPO/scripts/kernel_microbench.py" 2048 | tee "$OUT/kernels.txt"
 if [ "${1:-}" = quick ]; then exit 0; fi
 python3 -m lvllm_cli bench moe --json > "$OUT/bench.json" 2> "$OUT/bench.log"; tail -3 "$OUT/bench.log"
 python3 -m lvllm_cli bench moe -m qwen3-30b-a3b --prefill 1024 --no-torch --virtual-nodes 2 --json > "$OUT/bench_vn2.json" 2>> "$OUT/bench.log"

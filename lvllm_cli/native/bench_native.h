@@ -18,4 +18,8 @@ double read_bandwidth(Engine& eng, size_t bytes, int reps);
 // the experts touched change like in real decoding.  Nanoseconds per call.
 std::vector<double> time_layers(const std::vector<MoELayer*>& layers, const ForwardArgs& a, int steps, int passes);
 
+// Nanoseconds per panel_dot call of one kernel family on data that stays in
+// cache (n token rows, K inputs): the kernel's compute speed, not memory's.
+double kernel_ns(Isa isa, DType weights, int n, int K, int reps, int ld_pad = 32);
+
 }  // namespace lk

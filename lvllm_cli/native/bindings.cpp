@@ -282,5 +282,14 @@ NB_MODULE(_lk_moe, m) {
      "out_dtype"_a, "steps"_a, "passes"_a,
      "Nanoseconds per forward call, layers cycled like a forward pass; ids/weights hold `steps` [tokens, k] sets.");
 
+  m.def("kernel_ns", [](const std::string& isa, const std::string& weights, int n, int K, int reps, int ld_pad) {
+    lk::Isa i;
+    if (!lk::isa_from_name(isa, &i)) throw nb::value_error(("unknown ISA variant: " + isa).c_str());
+    if (n < 1 || K < 32 || K % 32) throw nb::value_error("need n >= 1 and K a positive multiple of 32");
+    nb::gil_scoped_release release;
+    return lk::kernel_ns(i, parse_dtype(weights), n, K, std::max(1, reps), std::max(0, ld_pad));
+  }, "isa"_a, "weights"_a, "n"_a, "K"_a, "reps"_a = 100, "ld_pad"_a = 32,
+     "ns per panel_dot (32 rows x K, n tokens) with data in cache; -1 when the family cannot run here.");
+
   lk::bind_hostfn(m);
 }

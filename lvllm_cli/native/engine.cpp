@@ -21,6 +21,12 @@ constexpr int CHUNK = 256;
 // many tokens of compute.  Used to give every worker equal work.
 constexpr int64_t PANEL_COST = 16;
 
+// Row strides of the scratch matrices, padded by a cache line: rows exactly
+// 4 KiB apart all land in one L1 set, and a 16-row AMX tile load (or eight
+// broadcast rows) then misses L1 on every row.
+inline size_t act_ld(size_t K) { return K + 32; }
+inline size_t partial_ld(size_t Hp) { return Hp + 16; }
+
 inline uint64_t splitmix64(uint64_t& s) {
   uint64_t z = (s += 0x9e3779b97f4a7c15ull);
   z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
@@ -126,11 +132,11 @@ void Engine::reserve(int tokens, int k, const MoELayer& layer) {
   Job& j = *job_;
   size_t A = size_t(tokens) * k;
   size_t act = dtype_size(layer.ks_->act);
-  j.xg.ensure(A * layer.Hp_ * act, pool_->group_numa_node(0));
+  j.xg.ensure(A * act_ld(layer.Hp_) * act, pool_->group_numa_node(0));
   for (int g = 0; g < pool_->num_groups(); ++g) {
     int node = pool_->group_numa_node(g);
-    j.groups[g].hbuf.ensure(A * layer.slices_[g].inp * act, node);
-    j.groups[g].partial.ensure(size_t(tokens) * layer.Hp_ * 4, node);
+    j.groups[g].hbuf.ensure(A * act_ld(layer.slices_[g].inp) * act, node);
+    j.groups[g].partial.ensure(size_t(tokens) * partial_ld(layer.Hp_) * 4, node);
   }
   for (int w = 0; w < pool_->total(); ++w) {
     int node = pool_->group_numa_node(pool_->groups().size() > 1 ? 0 : 0);
@@ -204,7 +210,7 @@ void gather(Job& j, const WorkerInfo& w, int total) {
   char* xg = j.xg.as<char>();
   for (size_t pos = b; pos < e; ++pos) {
     const char* src = static_cast<const char*>(j.a.x) + size_t(j.row_token[pos]) * j.a.ldx * dtype_size(j.a.x_type);
-    convert_row(src, j.a.x_type, j.layer->H(), xg + pos * Hp * j.act, j.ks->act, Hp);
+    convert_row(src, j.a.x_type, j.layer->H(), xg + pos * act_ld(Hp) * j.act, j.ks->act, Hp);
   }
 }
 
@@ -241,8 +247,8 @@ void phase1(Job& j, const WorkerInfo& w, int T) {
       const char* panel = w13 + ((size_t(e) * npan + r) * pel) * 2;
       for (int c0 = 0; c0 < n; c0 += CHUNK) {
         int nc = std::min(CHUNK, n - c0);
-        j.ks->panel_dot(xg + size_t(off + c0) * Hp * j.act, Hp, nc, panel, Hp, y);
-        j.ks->silu_mul(y, nc, hbuf + (size_t(off + c0) * S.inp + size_t(r) * 16) * j.act, S.inp);
+        j.ks->panel_dot(xg + size_t(off + c0) * act_ld(Hp) * j.act, act_ld(Hp), nc, panel, Hp, y);
+        j.ks->silu_mul(y, nc, hbuf + (size_t(off + c0) * act_ld(S.inp) + size_t(r) * 16) * j.act, act_ld(S.inp));
       }
     }
     cum += span;
@@ -287,7 +293,7 @@ void phase2(Job& j, const WorkerInfo& w, int T) {
         // `partial`; a worker starting mid-block writes a fixup instead.
         if (ai == 0) {
           acc = partial + size_t(b) * 32;
-          lda = Hp;
+          lda = partial_ld(Hp);
         } else {
           acc = me.fixup.as<float>();
           lda = 32;
@@ -299,7 +305,7 @@ void phase2(Job& j, const WorkerInfo& w, int T) {
       const char* panel = w2 + ((size_t(e) * npb + b) * pel) * 2;
       for (int c0 = 0; c0 < n; c0 += CHUNK) {
         int nc = std::min(CHUNK, n - c0);
-        j.ks->panel_dot(hbuf + size_t(off + c0) * S.inp * j.act, S.inp, nc, panel, S.inp, y);
+        j.ks->panel_dot(hbuf + size_t(off + c0) * act_ld(S.inp) * j.act, act_ld(S.inp), nc, panel, S.inp, y);
         for (int i = 0; i < nc; ++i) {
           float* dst = acc + size_t(j.row_token[off + c0 + i]) * lda;
           const float wt = j.row_weight[off + c0 + i];
@@ -333,10 +339,10 @@ void reduce(Job& j, const WorkerInfo& w, Pool& P) {
     if (empty) {
       std::fill(v, v + 32, 0.0f);
     } else {
-      const float* p0 = j.groups[0].partial.as<float>() + size_t(m) * Hp + size_t(b) * 32;
+      const float* p0 = j.groups[0].partial.as<float>() + size_t(m) * partial_ld(Hp) + size_t(b) * 32;
       for (int q = 0; q < 32; ++q) v[q] = p0[q];
       for (int g = 1; g < P.num_groups(); ++g) {
-        const float* pg = j.groups[g].partial.as<float>() + size_t(m) * Hp + size_t(b) * 32;
+        const float* pg = j.groups[g].partial.as<float>() + size_t(m) * partial_ld(Hp) + size_t(b) * 32;
         for (int q = 0; q < 32; ++q) v[q] += pg[q];
       }
       for (int f = 0; f < nfix; ++f) {
@@ -390,6 +396,20 @@ void Engine::run_job(void* ctx, const WorkerInfo& w) {
   }
 }
 
+namespace {
+bool fits(const Engine::Job& j, const MoELayer& L, int M, int k) {
+  const size_t A = size_t(M) * k;
+  if (j.row_token.size() < A || j.count.size() < size_t(L.E())) return false;
+  if (j.xg.size() < A * act_ld(L.Hp()) * j.act) return false;
+  if (j.workers[0].fixup.size() < size_t(M) * 32 * 4) return false;
+  for (size_t g = 0; g < j.groups.size(); ++g) {
+    if (j.groups[g].partial.size() < size_t(M) * partial_ld(L.Hp()) * 4) return false;
+    if (j.groups[g].hbuf.size() < A * act_ld(L.slices()[g].inp) * j.act) return false;
+  }
+  return true;
+}
+}  // namespace
+
 void Engine::submit(MoELayer* layer, const ForwardArgs& args) {
   std::lock_guard<std::mutex> lock(submit_mu_);
   if (!pool_->done()) wait();
@@ -400,21 +420,11 @@ void Engine::submit(MoELayer* layer, const ForwardArgs& args) {
   j.ks = layer->ks_;
   j.act = dtype_size(j.ks->act);
   // Grow scratch if this call is larger than any before (reserve() avoids it).
-  size_t A = size_t(args.M) * args.k;
-  if (j.row_token.size() < A || j.count.size() < size_t(layer->E_) || j.xg.size() < A * layer->Hp_ * j.act ||
-      j.workers[0].fixup.size() < size_t(args.M) * 32 * 4 || j.groups[0].partial.size() < size_t(args.M) * layer->Hp_ * 4 ||
-      j.groups[0].hbuf.size() < A * layer->slices_[0].inp * j.act) {
+  if (!fits(j, *layer, args.M, args.k)) {
     submit_mu_.unlock();
     reserve(std::max(args.M, 1), args.k, *layer);
     submit_mu_.lock();
   }
-  for (size_t g = 1; g < j.groups.size(); ++g)
-    if (j.groups[g].hbuf.size() < A * layer->slices_[g].inp * j.act) {
-      submit_mu_.unlock();
-      reserve(std::max(args.M, 1), args.k, *layer);
-      submit_mu_.lock();
-      break;
-    }
   j.active.resize(layer->E_);
   j.start_ns = now_ns();
   j.end_ns.store(j.start_ns);
