@@ -89,11 +89,11 @@ double kernel_ns(Isa isa, DType weights, int n, int K, int reps, int ld_pad) {
   if (!ks || !isa_supported(isa)) return -1.0;
   const size_t ld = size_t(K) + size_t(ld_pad), es = dtype_size(ks->act);
   std::vector<uint16_t> panel(panel_elems(K));
-  std::vector<char> x(size_t(n) * ld * es);
-  std::vector<float> y(size_t(n) * 32);
+  std::vector<char> x((size_t(n) + 32) * ld * es);  // slack rows for padded AMX tiles
+  std::vector<float> y((size_t(n) + 32) * 32);
   uint64_t s = 88172645463325252ull;
   for (auto& v : panel) { s ^= s << 13; s ^= s >> 7; s ^= s << 17; v = f32_to_bf16(float(int(s % 2001) - 1000) * 1e-4f); }
-  for (size_t i = 0; i < size_t(n) * ld; ++i) store_from_f32(x.data(), i, ks->act, float(int(i % 13) - 6) * 0.1f);
+  for (size_t i = 0; i < (size_t(n) + 32) * ld; ++i) store_from_f32(x.data(), i, ks->act, float(int(i % 13) - 6) * 0.1f);
   ks->panel_dot(x.data(), ld, n, panel.data(), K, y.data());
   double t0 = now_s();
   for (int r = 0; r < reps; ++r) ks->panel_dot(x.data(), ld, n, panel.data(), K, y.data());

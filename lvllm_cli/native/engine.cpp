@@ -17,15 +17,15 @@ int64_t now_ns() {
 // and keeps it in L1/L2; a multiple of 32 so AMX tiles stay full.
 constexpr int CHUNK = 256;
 
-// Relative cost of one panel item: streaming its weights counts like this
-// many tokens of compute.  Used to give every worker equal work.
-constexpr int64_t PANEL_COST = 16;
+// Rows of readable slack after every activation matrix: AMX kernels fill a
+// 16- or 32-row tile past the last token (see kernels.h).
+constexpr size_t SLACK_ROWS = 32;
 
 // Row strides of the scratch matrices, padded by a cache line: rows exactly
 // 4 KiB apart all land in one L1 set, and a 16-row AMX tile load (or eight
 // broadcast rows) then misses L1 on every row.
 inline size_t act_ld(size_t K) { return K + 32; }
-inline size_t partial_ld(size_t Hp) { return Hp + 16; }
+inline size_t y_ld(size_t Hp) { return Hp + 16; }
 
 inline uint64_t splitmix64(uint64_t& s) {
   uint64_t z = (s += 0x9e3779b97f4a7c15ull);
@@ -48,10 +48,40 @@ void convert_row(const void* src, DType st, size_t n, void* dst, DType dt, size_
   if (padded > n) std::memset(static_cast<char*>(dst) + n * es, 0, (padded - n) * es);
 }
 
+// Guided self-scheduling over [0, n): big grabs first, single items at the
+// end, so a worker slowed by the OS or a busy sibling core does not hold
+// everyone back at the barrier.
+struct alignas(64) WorkCounter {
+  std::atomic<int64_t> next{0};
+  char pad[64 - sizeof(std::atomic<int64_t>)];
+};
+
+inline bool grab(WorkCounter& c, int64_t n, int workers, int64_t* begin, int64_t* end) {
+  int64_t cur = c.next.load(std::memory_order_relaxed);
+  for (;;) {
+    const int64_t left = n - cur;
+    if (left <= 0) return false;
+    const int64_t take = std::max<int64_t>(1, left / (2 * int64_t(workers)));
+    if (c.next.compare_exchange_weak(cur, cur + take, std::memory_order_relaxed)) {
+      *begin = cur;
+      *end = cur + take;
+      return true;
+    }
+  }
+}
+
 }  // namespace
 
 // ---------------------------------------------------------------------------
 // The job: one forward call in flight, with the scratch it reuses.
+//
+// Phases (all workers; barriers between):
+//   route    worker 0 sorts the (token, slot) assignments by expert
+//   gather   copy each assignment's token row into xg (expert order, kernel format)
+//   gate_up  per node group, items (expert, w13 panel): h = silu(gate x) * up x
+//   down     per node group, items (expert, w2 panel): y[row] = weight * w2 h
+//   reduce   out[m] = sum over slots and groups of y[row(m, slot)]
+// Items are handed out dynamically, so no worker waits on a slow one for long.
 
 struct Engine::Job {
   MoELayer* layer = nullptr;
@@ -60,22 +90,18 @@ struct Engine::Job {
   size_t act = 2;  // bytes per activation element
 
   // Routing: assignments sorted by expert.
-  std::vector<int> count, offset, active, row_token;
+  std::vector<int> count, offset, active, row_token, slot_row;  // slot_row[m*k+j]: row, or -1
   std::vector<float> row_weight;
   int A = 0;
 
-  NodeBuffer xg;  // [A, Hp] activations, expert-sorted
+  NodeBuffer xg;  // [A + slack, act_ld(Hp)] activations, expert-sorted
   struct Group {
-    NodeBuffer hbuf;     // [A, inp] silu(gate) * up
-    NodeBuffer partial;  // [M, Hp] fp32
+    NodeBuffer hbuf;  // [A + slack, act_ld(inp)] silu(gate) * up
+    NodeBuffer y;     // [A, y_ld(Hp)] fp32 weighted expert outputs of this group's slice
+    WorkCounter gate_up, down;
   };
   std::vector<Group> groups;
-  struct Worker {
-    NodeBuffer y;      // [CHUNK, 32] fp32
-    NodeBuffer fixup;  // [M, 32] fp32, partial block shared with the previous worker
-    int fixup_block = -1;
-  };
-  std::vector<Worker> workers;
+  std::vector<NodeBuffer> ybuf;  // per worker [CHUNK + slack, 32] fp32
   // Per worker: timestamps at phase boundaries (see run_job).
   std::vector<std::array<int64_t, 8>> marks;
 
@@ -96,8 +122,8 @@ Engine::Engine(EngineConfig cfg) : cfg_(std::move(cfg)) {
     if (g.cpus.empty()) throw std::invalid_argument("every node group needs at least one worker");
   pool_ = std::make_unique<Pool>(cfg_.groups, cfg_.spin_us);
   job_ = std::make_unique<Job>();
-  job_->groups.resize(pool_->num_groups());
-  job_->workers.resize(pool_->total());
+  job_->groups = std::vector<Job::Group>(pool_->num_groups());
+  job_->ybuf.resize(pool_->total());
   job_->marks.resize(pool_->total());
 }
 
@@ -126,33 +152,51 @@ void Engine::reset_stats() {
   for (auto& p : ph_) p = 0;
 }
 
+namespace {
+int worker_node(const Pool& P, int w) {
+  for (int g = 0; g < P.num_groups(); ++g)
+    if (w >= P.group_first(g) && w < P.group_first(g) + P.group_size(g)) return P.group_numa_node(g);
+  return -1;
+}
+
+bool fits(const Engine::Job& j, const MoELayer& L, int M, int k) {
+  const size_t A = size_t(M) * k;
+  if (j.row_token.size() < A || j.slot_row.size() < A || j.count.size() < size_t(L.E())) return false;
+  if (j.xg.size() < (A + SLACK_ROWS) * act_ld(L.Hp()) * j.act) return false;
+  for (size_t g = 0; g < j.groups.size(); ++g) {
+    if (j.groups[g].y.size() < std::max<size_t>(A, 1) * y_ld(L.Hp()) * 4) return false;
+    if (j.groups[g].hbuf.size() < (A + SLACK_ROWS) * act_ld(L.slices()[g].inp) * j.act) return false;
+  }
+  return !j.ybuf.empty() && j.ybuf[0].size() > 0;
+}
+}  // namespace
+
 void Engine::reserve(int tokens, int k, const MoELayer& layer) {
   std::lock_guard<std::mutex> lock(submit_mu_);
   if (!pool_->done()) pool_->wait();
   Job& j = *job_;
-  size_t A = size_t(tokens) * k;
-  size_t act = dtype_size(layer.ks_->act);
-  j.xg.ensure(A * act_ld(layer.Hp_) * act, pool_->group_numa_node(0));
+  const size_t A = size_t(std::max(tokens, 1)) * std::max(k, 1);
+  const size_t act = dtype_size(layer.ks_->act);
+  // Growing keeps some headroom so a slowly rising batch size does not reallocate every call.
+  auto grow = [](NodeBuffer& b, size_t bytes, int node) {
+    if (bytes > b.size()) b.reset(bytes + bytes / 4, node);
+  };
+  grow(j.xg, (A + SLACK_ROWS) * act_ld(layer.Hp_) * act, pool_->group_numa_node(0));
   for (int g = 0; g < pool_->num_groups(); ++g) {
-    int node = pool_->group_numa_node(g);
-    j.groups[g].hbuf.ensure(A * act_ld(layer.slices_[g].inp) * act, node);
-    j.groups[g].partial.ensure(size_t(tokens) * partial_ld(layer.Hp_) * 4, node);
+    const int node = pool_->group_numa_node(g);
+    grow(j.groups[g].hbuf, (A + SLACK_ROWS) * act_ld(layer.slices_[g].inp) * act, node);
+    grow(j.groups[g].y, A * y_ld(layer.Hp_) * 4, node);
   }
-  for (int w = 0; w < pool_->total(); ++w) {
-    int node = pool_->group_numa_node(pool_->groups().size() > 1 ? 0 : 0);
-    for (int g = 0; g < pool_->num_groups(); ++g)
-      if (w >= pool_->group_first(g) && w < pool_->group_first(g) + pool_->group_size(g)) node = pool_->group_numa_node(g);
-    j.workers[w].y.ensure(size_t(CHUNK) * 32 * 4, node);
-    j.workers[w].fixup.ensure(size_t(tokens) * 32 * 4, node);
-  }
+  for (int w = 0; w < pool_->total(); ++w)
+    if (j.ybuf[w].size() == 0) j.ybuf[w].reset((CHUNK + SLACK_ROWS) * 32 * 4, worker_node(*pool_, w));
   if (j.count.size() < size_t(layer.E_)) {
     j.count.resize(layer.E_);
     j.offset.resize(layer.E_ + 1);
-    j.active.resize(layer.E_);
   }
   if (j.row_token.size() < A) {
     j.row_token.resize(A);
     j.row_weight.resize(A);
+    j.slot_row.resize(A);
   }
 }
 
@@ -174,143 +218,105 @@ void route(Job& j) {
   std::fill(j.count.begin(), j.count.begin() + E, 0);
   uint64_t invalid = 0;
   for (size_t i = 0; i < n; ++i) {
-    int e = expert_id(j.a, i);
-    if (e < 0 || e >= E) {
+    const int e = expert_id(j.a, i);
+    if (e < 0 || e >= E)
       ++invalid;
-      continue;
-    }
-    ++j.count[e];
+    else
+      ++j.count[e];
   }
-  int nact = 0;
+  j.active.clear();
   j.offset[0] = 0;
   for (int e = 0; e < E; ++e) {
     j.offset[e + 1] = j.offset[e] + j.count[e];
-    if (j.count[e]) j.active[nact++] = e;
+    if (j.count[e]) j.active.push_back(e);
   }
-  j.active.resize(std::max<size_t>(j.active.size(), 0));
   j.A = j.offset[E];
   // Stable placement: tokens of an expert keep their order.
-  std::vector<int>& cursor = j.count;  // reused; counts are re-derived from offsets below
+  std::vector<int>& cursor = j.count;  // reused, re-derived from offsets below
   for (int e = 0; e < E; ++e) cursor[e] = j.offset[e];
   for (size_t i = 0; i < n; ++i) {
-    int e = expert_id(j.a, i);
-    if (e < 0 || e >= E) continue;
-    int pos = cursor[e]++;
+    const int e = expert_id(j.a, i);
+    if (e < 0 || e >= E) {
+      j.slot_row[i] = -1;
+      continue;
+    }
+    const int pos = cursor[e]++;
     j.row_token[pos] = int(i / j.a.k);
     j.row_weight[pos] = j.a.topk_weights[i];
+    j.slot_row[i] = pos;
   }
   for (int e = 0; e < E; ++e) j.count[e] = j.offset[e + 1] - j.offset[e];
-  j.active.erase(j.active.begin() + nact, j.active.end());
+  for (auto& g : j.groups) {
+    g.gate_up.next.store(0, std::memory_order_relaxed);
+    g.down.next.store(0, std::memory_order_relaxed);
+  }
   j.invalid.store(invalid);
 }
 
 void gather(Job& j, const WorkerInfo& w, int total) {
-  const size_t Hp = j.layer->Hp();
-  size_t b = size_t(j.A) * w.gid / total, e = size_t(j.A) * (w.gid + 1) / total;
+  const size_t Hp = j.layer->Hp(), ld = act_ld(Hp);
   char* xg = j.xg.as<char>();
+  const size_t b = size_t(j.A) * w.gid / total, e = size_t(j.A) * (w.gid + 1) / total;
   for (size_t pos = b; pos < e; ++pos) {
     const char* src = static_cast<const char*>(j.a.x) + size_t(j.row_token[pos]) * j.a.ldx * dtype_size(j.a.x_type);
-    convert_row(src, j.a.x_type, j.layer->H(), xg + pos * act_ld(Hp) * j.act, j.ks->act, Hp);
+    convert_row(src, j.a.x_type, j.layer->H(), xg + pos * ld * j.act, j.ks->act, ld);
   }
 }
 
-// Items are laid out in a fixed order with a cost each; worker l of T takes
-// the items whose starting cost c satisfies l*total <= c*T < (l+1)*total.
-struct Share {
-  int64_t lo, hi, T;  // bounds scaled by T
-  bool owns(int64_t start) const { return start * T >= lo && start * T < hi; }
-};
-
-void phase1(Job& j, const WorkerInfo& w, int T) {
+// Item i of a phase is (expert active[i / per], panel i % per): consecutive
+// items stream consecutive panels of one expert.
+void gate_up(Job& j, const WorkerInfo& w, int T) {
   const MoELayer& L = *j.layer;
   const Slice& S = L.slices()[w.group];
   const int Hp = L.Hp();
   const int npan = S.inp / 16;  // each w13 panel: 16 gate + 16 up rows
-  const size_t pel = panel_elems(Hp);
+  const size_t pel = panel_elems(Hp), ldx = act_ld(Hp), ldh = act_ld(S.inp);
   const char* w13 = S.w13.as<char>();
   const char* xg = j.xg.as<char>();
   char* hbuf = j.groups[w.group].hbuf.as<char>();
-  float* y = j.workers[w.gid].y.as<float>();
-
-  int64_t total = 0;
-  for (int e : j.active) total += int64_t(npan) * (PANEL_COST + j.count[e]);
-  Share sh{int64_t(w.lid) * total, int64_t(w.lid + 1) * total, T};
-  int64_t cum = 0;
-  for (int e : j.active) {
-    const int64_t c = PANEL_COST + j.count[e];
-    const int64_t span = int64_t(npan) * c;
-    if ((cum + span) * T <= sh.lo) { cum += span; continue; }
-    if (cum * T >= sh.hi) break;
-    const int n = j.count[e], off = j.offset[e];
-    for (int r = 0; r < npan; ++r) {
-      if (!sh.owns(cum + r * c)) continue;
-      const char* panel = w13 + ((size_t(e) * npan + r) * pel) * 2;
+  float* y = j.ybuf[w.gid].as<float>();
+  const int64_t items = int64_t(j.active.size()) * npan;
+  int64_t b, e;
+  while (grab(j.groups[w.group].gate_up, items, T, &b, &e)) {
+    for (int64_t it = b; it < e; ++it) {
+      const int ex = j.active[it / npan], r = int(it % npan);
+      const int n = j.count[ex], off = j.offset[ex];
+      const char* panel = w13 + ((size_t(ex) * npan + r) * pel) * 2;
       for (int c0 = 0; c0 < n; c0 += CHUNK) {
-        int nc = std::min(CHUNK, n - c0);
-        j.ks->panel_dot(xg + size_t(off + c0) * act_ld(Hp) * j.act, act_ld(Hp), nc, panel, Hp, y);
-        j.ks->silu_mul(y, nc, hbuf + (size_t(off + c0) * act_ld(S.inp) + size_t(r) * 16) * j.act, act_ld(S.inp));
+        const int nc = std::min(CHUNK, n - c0);
+        j.ks->panel_dot(xg + size_t(off + c0) * ldx * j.act, ldx, nc, panel, Hp, y);
+        j.ks->silu_mul(y, nc, hbuf + (size_t(off + c0) * ldh + size_t(r) * 16) * j.act, ldh);
       }
     }
-    cum += span;
   }
 }
 
-void phase2(Job& j, const WorkerInfo& w, int T) {
+void down(Job& j, const WorkerInfo& w, int T) {
   const MoELayer& L = *j.layer;
   const Slice& S = L.slices()[w.group];
   const int Hp = L.Hp();
   const int npb = Hp / 32;
-  const size_t pel = panel_elems(S.inp);
+  const size_t pel = panel_elems(S.inp), ldh = act_ld(S.inp), ldy = y_ld(Hp);
   const char* w2 = S.w2.as<char>();
   const char* hbuf = j.groups[w.group].hbuf.as<char>();
-  float* partial = j.groups[w.group].partial.as<float>();
-  Job::Worker& me = j.workers[w.gid];
-  float* y = me.y.as<float>();
-  const int M = j.a.M;
-  me.fixup_block = -1;
-
-  int64_t Cb = 0;
-  for (int e : j.active) Cb += PANEL_COST + j.count[e];
-  const int64_t total = Cb * npb;
-  Share sh{int64_t(w.lid) * total, int64_t(w.lid + 1) * total, T};
-  if (Cb == 0) return;
-  int b_first = int(std::max<int64_t>(0, sh.lo / (T * Cb) - 1));
-  for (int b = b_first; b < npb; ++b) {
-    const int64_t base = int64_t(b) * Cb;
-    if ((base + Cb) * T <= sh.lo) continue;
-    if (base * T >= sh.hi) break;
-    float* acc = nullptr;
-    size_t lda = 0;
-    int64_t cum = base;
-    for (size_t ai = 0; ai < j.active.size(); ++ai) {
-      const int e = j.active[ai];
-      const int64_t c = PANEL_COST + j.count[e];
-      const int64_t start = cum;
-      cum += c;
-      if (!sh.owns(start)) continue;
-      if (!acc) {
-        // The worker holding expert 0 of this block owns its slot in
-        // `partial`; a worker starting mid-block writes a fixup instead.
-        if (ai == 0) {
-          acc = partial + size_t(b) * 32;
-          lda = partial_ld(Hp);
-        } else {
-          acc = me.fixup.as<float>();
-          lda = 32;
-          me.fixup_block = b;
-        }
-        for (int m = 0; m < M; ++m) std::memset(acc + size_t(m) * lda, 0, 32 * 4);
-      }
-      const int n = j.count[e], off = j.offset[e];
-      const char* panel = w2 + ((size_t(e) * npb + b) * pel) * 2;
+  float* out = j.groups[w.group].y.as<float>();
+  float* y = j.ybuf[w.gid].as<float>();
+  const int64_t items = int64_t(j.active.size()) * npb;
+  int64_t b, e;
+  while (grab(j.groups[w.group].down, items, T, &b, &e)) {
+    for (int64_t it = b; it < e; ++it) {
+      const int ex = j.active[it / npb], blk = int(it % npb);
+      const int n = j.count[ex], off = j.offset[ex];
+      const char* panel = w2 + ((size_t(ex) * npb + blk) * pel) * 2;
       for (int c0 = 0; c0 < n; c0 += CHUNK) {
-        int nc = std::min(CHUNK, n - c0);
-        j.ks->panel_dot(hbuf + size_t(off + c0) * act_ld(S.inp) * j.act, act_ld(S.inp), nc, panel, S.inp, y);
+        const int nc = std::min(CHUNK, n - c0);
+        j.ks->panel_dot(hbuf + size_t(off + c0) * ldh * j.act, ldh, nc, panel, S.inp, y);
         for (int i = 0; i < nc; ++i) {
-          float* dst = acc + size_t(j.row_token[off + c0 + i]) * lda;
-          const float wt = j.row_weight[off + c0 + i];
+          const int row = off + c0 + i;
+          const float wt = j.row_weight[row];
+          float* dst = out + size_t(row) * ldy + size_t(blk) * 32;
           const float* yi = y + size_t(i) * 32;
-          for (int q = 0; q < 32; ++q) dst[q] += wt * yi[q];
+          for (int q = 0; q < 32; ++q) dst[q] = wt * yi[q];
         }
       }
     }
@@ -321,39 +327,25 @@ void reduce(Job& j, const WorkerInfo& w, Pool& P) {
   const MoELayer& L = *j.layer;
   const int Hp = L.Hp(), H = L.H();
   const int npb = Hp / 32;
-  const int M = j.a.M;
-  const int total = P.total();
-  // Fixups of every worker, with the group (partial) they belong to.
-  int fix_w[1024];
-  int nfix = 0;
-  for (int v = 0; v < total && nfix < 1024; ++v)
-    if (j.workers[v].fixup_block >= 0) fix_w[nfix++] = v;
-
+  const int M = j.a.M, k = j.a.k;
+  const int total = P.total(), G = P.num_groups();
+  const size_t ldy = y_ld(Hp), os = dtype_size(j.a.out_type);
   const size_t items = size_t(M) * npb;
-  size_t b0 = items * w.gid / total, b1 = items * (w.gid + 1) / total;
-  const size_t os = dtype_size(j.a.out_type);
-  const bool empty = j.active.empty();
+  const size_t b0 = items * w.gid / total, b1 = items * (w.gid + 1) / total;
   float v[32];
   for (size_t it = b0; it < b1; ++it) {
-    const int m = int(it / npb), b = int(it % npb);
-    if (empty) {
-      std::fill(v, v + 32, 0.0f);
-    } else {
-      const float* p0 = j.groups[0].partial.as<float>() + size_t(m) * partial_ld(Hp) + size_t(b) * 32;
-      for (int q = 0; q < 32; ++q) v[q] = p0[q];
-      for (int g = 1; g < P.num_groups(); ++g) {
-        const float* pg = j.groups[g].partial.as<float>() + size_t(m) * partial_ld(Hp) + size_t(b) * 32;
-        for (int q = 0; q < 32; ++q) v[q] += pg[q];
-      }
-      for (int f = 0; f < nfix; ++f) {
-        const Job::Worker& fw = j.workers[fix_w[f]];
-        if (fw.fixup_block != b) continue;
-        const float* pf = fw.fixup.as<float>() + size_t(m) * 32;
-        for (int q = 0; q < 32; ++q) v[q] += pf[q];
+    const int m = int(it / npb), blk = int(it % npb);
+    std::fill(v, v + 32, 0.0f);
+    for (int s = 0; s < k; ++s) {
+      const int row = j.slot_row[size_t(m) * k + s];
+      if (row < 0) continue;
+      for (int g = 0; g < G; ++g) {
+        const float* src = j.groups[g].y.as<float>() + size_t(row) * ldy + size_t(blk) * 32;
+        for (int q = 0; q < 32; ++q) v[q] += src[q];
       }
     }
-    char* dst = static_cast<char*>(j.a.out) + (size_t(m) * j.a.ldo + size_t(b) * 32) * os;
-    const int cols = std::min(32, H - b * 32);
+    char* dst = static_cast<char*>(j.a.out) + (size_t(m) * j.a.ldo + size_t(blk) * 32) * os;
+    const int cols = std::min(32, H - blk * 32);
     if (j.a.out_type == DType::f32) {
       std::memcpy(dst, v, cols * 4);
     } else {
@@ -381,11 +373,11 @@ void Engine::run_job(void* ctx, const WorkerInfo& w) {
   gather(j, w, P.total());
   P.barrier_all(w);
   mk[2] = now_ns();
-  phase1(j, w, P.group_size(w.group));
+  gate_up(j, w, P.group_size(w.group));
   mk[3] = now_ns();
   P.barrier_group(w);
   mk[4] = now_ns();
-  phase2(j, w, P.group_size(w.group));
+  down(j, w, P.group_size(w.group));
   mk[5] = now_ns();
   P.barrier_all(w);
   mk[6] = now_ns();
@@ -395,20 +387,6 @@ void Engine::run_job(void* ctx, const WorkerInfo& w) {
   while (t > prev && !j.end_ns.compare_exchange_weak(prev, t)) {
   }
 }
-
-namespace {
-bool fits(const Engine::Job& j, const MoELayer& L, int M, int k) {
-  const size_t A = size_t(M) * k;
-  if (j.row_token.size() < A || j.count.size() < size_t(L.E())) return false;
-  if (j.xg.size() < A * act_ld(L.Hp()) * j.act) return false;
-  if (j.workers[0].fixup.size() < size_t(M) * 32 * 4) return false;
-  for (size_t g = 0; g < j.groups.size(); ++g) {
-    if (j.groups[g].partial.size() < size_t(M) * partial_ld(L.Hp()) * 4) return false;
-    if (j.groups[g].hbuf.size() < A * act_ld(L.slices()[g].inp) * j.act) return false;
-  }
-  return true;
-}
-}  // namespace
 
 void Engine::submit(MoELayer* layer, const ForwardArgs& args) {
   std::lock_guard<std::mutex> lock(submit_mu_);
@@ -425,7 +403,6 @@ void Engine::submit(MoELayer* layer, const ForwardArgs& args) {
     reserve(std::max(args.M, 1), args.k, *layer);
     submit_mu_.lock();
   }
-  j.active.resize(layer->E_);
   j.start_ns = now_ns();
   j.end_ns.store(j.start_ns);
   calls_.fetch_add(1, std::memory_order_relaxed);

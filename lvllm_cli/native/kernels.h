@@ -30,6 +30,8 @@ struct KernelSet {
   DType weights;  // bf16 or f16
   DType act;      // activation format the kernels read: bf16 or f32
   // y[t*32 + c] = sum_k x[t*ldx + k] * panel(c, k), t < n, c < 32; fp32 accumulation.
+  // The AMX family fills whole 16/32-row tiles: x must have 31 readable rows
+  // after row n-1, and y room for round_up(n, 32) rows (rows >= n are junk).
   void (*panel_dot)(const void* x, size_t ldx, int n, const void* panel, int K, float* y);
   // h[t*ldh + c] = silu(y[t*32 + c]) * y[t*32 + 16 + c], c < 16, stored in act format.
   void (*silu_mul)(const float* y, int n, void* h, size_t ldh);
