@@ -40,7 +40,7 @@ void configure_tiles() {
 // Prefetching past the end of the weights is harmless: prefetches never fault.
 constexpr int PREFETCH_CHUNKS = 6;
 
-template <int HINT>
+template <_mm_hint HINT>
 inline void prefetch_chunk(const uint16_t* pk) {
   const char* c = reinterpret_cast<const char*>(pk);
   for (int l = 0; l < 2048; l += 64) _mm_prefetch(c + l, HINT);
