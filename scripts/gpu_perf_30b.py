@@ -1,0 +1,76 @@
+"""Qwen3-30B-A3B shapes (--load-format dummy): decode tokens/s of vLLM + lvllm vs stock vLLM's CPU offload.
+
+    python scripts/gpu_perf_30b.py OUTDIR [variants...]
+      variants: lvllm_graphs lvllm_eager stock_offload  (default: all)
+
+In the same run it measures the CPU read bandwidth with the engine's own
+threads and reports the decode roofline: bandwidth / routed-expert bytes per token.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_plugin_e2e import vllm_run  # noqa: E402
+
+H, I, E, K, LAYERS = 2048, 768, 128, 8, 48
+EXPERT_BYTES_PER_TOKEN = LAYERS * K * 3 * H * I * 2
+
+
+def gib_loaded(log: Path) -> float | None:
+    m = re.findall(r"Model loading took ([0-9.]+) GiB", log.read_text())
+    return float(m[-1]) if m else None
+
+
+def main() -> None:
+    from lvllm_cli import _lk_moe as lk
+    from lvllm_cli.moe import get_engine
+    from lvllm_cli.tiny_models import write_model_shape
+
+    out = Path(sys.argv[1])
+    variants = sys.argv[2:] or ["lvllm_graphs", "lvllm_eager", "stock_offload"]
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    model = Path(os.environ.get("LVLLM_E2E_WORK", "/tmp/lvllm-e2e")) / "qwen3-30b-a3b"
+    if not model.exists():
+        write_model_shape("qwen3-30b-a3b", model)
+    threads = int(os.environ.get("LK_THREADS", "15"))
+    bw = lk.read_bandwidth(get_engine(threads=threads), 8 << 30, 5)
+    report = {"bandwidth_gbps": round(bw, 1), "threads": threads,
+              "expert_bytes_per_token": EXPERT_BYTES_PER_TOKEN,
+              "roofline_tokens_per_s": round(bw * 1e9 / EXPERT_BYTES_PER_TOKEN, 2)}
+    print("bandwidth", report, flush=True)
+    cpu = {"LVLLM_MOE_CPU": "1", "LK_THREADS": str(threads)}
+    runs = {
+        "lvllm_graphs": (cpu, ["--load-format", "dummy", "--bench", "--max-tokens", "64"]),
+        "lvllm_eager": (cpu, ["--load-format", "dummy", "--bench", "--eager", "--max-tokens", "64"]),
+        # What a user tries first: stock vLLM with the experts offloaded to (pinned, UVA) CPU memory.
+        "stock_offload": ({}, ["--load-format", "dummy", "--bench", "--max-tokens", "32",
+                               "--extra-json", json.dumps({"cpu_offload_gb": 58, "cpu_offload_params": ["experts"]})]),
+    }
+    for name in variants:
+        env, args = runs[name]
+        log = out / "logs" / f"30b-{name}.log"
+        r = vllm_run(model, out / "logs" / f"30b-{name}.json", log, env, [*args, "--gpu-util", "0.85"])
+        if "error" in r:
+            report[name] = {"error": r["error"]}
+            print(name, "FAILED", r["log_tail"][-2500:], flush=True)
+            continue
+        report[name] = {"load_s": r["load_s"], "gpu_weights_gib": gib_loaded(log), "bench": r["bench"]}
+        b1 = r["bench"][0]["tokens_per_s"]
+        report[name]["batch1_pct_of_roofline"] = round(100 * b1 / report["roofline_tokens_per_s"], 1)
+        print(name, json.dumps(report[name]), flush=True)
+    if "lvllm_graphs" in report and "stock_offload" in report and "bench" in report.get("stock_offload", {}):
+        a = report["lvllm_graphs"]["bench"][0]["tokens_per_s"]
+        b = report["stock_offload"]["bench"][0]["tokens_per_s"]
+        report["batch1_vs_stock_offload"] = round(a / b, 2)
+    (out / f"perf30b-{'-'.join(variants)}.json").write_text(json.dumps(report, indent=2))
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
