@@ -34,8 +34,11 @@ def main() -> None:
 
     out = Path(sys.argv[1])
     variants = sys.argv[2:] or ["lvllm_graphs", "lvllm_eager", "stock_offload"]
-    (out / "logs").mkdir(parents=True, exist_ok=True)
-    model = Path(os.environ.get("LVLLM_E2E_WORK", "/tmp/lvllm-e2e")) / "qwen3-30b-a3b"
+    work = Path(os.environ.get("LVLLM_E2E_WORK", "/tmp/lvllm-e2e"))
+    logs = work / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    model = work / "qwen3-30b-a3b"
     if not model.exists():
         write_model_shape("qwen3-30b-a3b", model)
     threads = int(os.environ.get("LK_THREADS", "15"))
@@ -54,8 +57,8 @@ def main() -> None:
     }
     for name in variants:
         env, args = runs[name]
-        log = out / "logs" / f"30b-{name}.log"
-        r = vllm_run(model, out / "logs" / f"30b-{name}.json", log, env, [*args, "--gpu-util", "0.85"])
+        log = logs / f"30b-{name}.log"
+        r = vllm_run(model, logs / f"30b-{name}.json", log, env, [*args, "--gpu-util", "0.85"])
         if "error" in r:
             report[name] = {"error": r["error"]}
             print(name, "FAILED", r["log_tail"][-2500:], flush=True)

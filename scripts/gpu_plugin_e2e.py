@@ -28,10 +28,13 @@ def vllm_run(model: Path, out: Path, log: Path, env_extra: dict, args: list[str]
     with open(log, "w") as f:
         rc = subprocess.call([sys.executable, str(HERE / "vllm_run.py"), str(model), str(out), *args],
                              env=env, stdout=f, stderr=subprocess.STDOUT, timeout=900)
-    if rc != 0 or not out.exists():
+    if not out.exists():
         tail = log.read_text()[-3000:]
         return {"error": f"exit {rc} after {time.time() - t:.0f}s", "log_tail": tail}
-    return json.loads(out.read_text())
+    r = json.loads(out.read_text())
+    if rc != 0:  # results complete; the process died at exit (seen: a Triton compile thread at shutdown)
+        r["exit_code"] = rc
+    return r
 
 
 def compare(stock: dict, other: dict) -> dict:
@@ -67,20 +70,22 @@ def main() -> None:
 
     out = Path(sys.argv[1])
     archs = sys.argv[2:] or list(TINY)
-    (out / "logs").mkdir(parents=True, exist_ok=True)
     work = Path(os.environ.get("LVLLM_E2E_WORK", "/tmp/lvllm-e2e"))
+    logs = work / "logs"  # many files: kept out of OUTDIR, which gets the summary
+    logs.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     cpu = {"LVLLM_MOE_CPU": "1", "LK_THREADS": os.environ.get("LK_THREADS", "8")}
     report = {}
     for arch in archs:
         model = work / arch
         if not model.exists():
             write_tiny_model(arch, model, seed=1)
-        stock = vllm_run(model, out / "logs" / f"{arch}-stock.json", out / "logs" / f"{arch}-stock.log", {}, [])
+        stock = vllm_run(model, logs / f"{arch}-stock.json", logs / f"{arch}-stock.log", {}, [])
         if "error" in stock:
             report[arch] = {"stock": stock}
             print(arch, "STOCK FAILED", stock["error"], stock["log_tail"][-1500:], flush=True)
             continue
-        seqs = out / "logs" / f"{arch}-seqs.json"
+        seqs = logs / f"{arch}-seqs.json"
         seqs.write_text(json.dumps(stock["score"]["sequences"]))
         variants = {"cpu_graphs": (cpu, [])}
         if arch == "qwen3_moe":
@@ -88,7 +93,7 @@ def main() -> None:
             variants["cpu_layer1_gpu_layer0"] = ({**cpu, "LVLLM_GPU_LAYERS": "0"}, [])
         report[arch] = {"stock_load_s": stock["load_s"]}
         for name, (env, args) in variants.items():
-            r = vllm_run(model, out / "logs" / f"{arch}-{name}.json", out / "logs" / f"{arch}-{name}.log", env,
+            r = vllm_run(model, logs / f"{arch}-{name}.json", logs / f"{arch}-{name}.log", env,
                          [*args, "--score", str(seqs)])
             if "error" in r:
                 report[arch][name] = {"error": r["error"]}
