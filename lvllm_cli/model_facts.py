@@ -293,7 +293,8 @@ def _quant_from_config(qc: Any) -> Quant:
             raise ConfigError(f"quantization_config: {method} with {bits} bits is not supported (only 4-bit)")
         g = qc.get("group_size", qc.get("q_group_size", 128))
         g = 0 if g in (-1, None) else g
-        return Quant("int4", method, group_size=_int(qc, "quantization_config.group_size", g))
+        # Both formats store packed 4-bit zero points (qzeros) even for symmetric schemes.
+        return Quant("int4", method, group_size=_int(qc, "quantization_config.group_size", g), zero_points=True)
     if method == "compressed-tensors":
         groups = qc.get("config_groups") or {}
         if not isinstance(groups, dict) or not groups:

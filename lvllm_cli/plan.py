@@ -372,7 +372,7 @@ def assign_cpus(
         else:
             warnings.append(f"worker {w} has a single core: no core left free for vLLM's own thread")
         cpus = sorted(c for _, core in cores for c in core)
-        wnodes = sorted({n for n, _ in cores} | ({home[w]} if cores else set()))
+        wnodes = sorted({n for n, _ in cores} | {home[w]})
         g = gpus[w] if gpus else None
         workers.append(
             Worker(
@@ -600,6 +600,12 @@ def build_plan(machine: Machine, target: Target, req: Request | None = None, *, 
                     "lower --gpu-layers or use --gpu-layers auto"
                 )
     cpu_layers = [i for i in moe if i not in gpu_layers]
+    starved = [w for w in workers if w.threads == 0]
+    if cpu_layers and starved:
+        problems.append(
+            f"worker(s) {', '.join(str(w.rank) for w in starved)} get no CPU core: more GPUs share NUMA node(s) "
+            f"{format_cpulist(sorted({w.numa_nodes[0] for w in starved}))} than it has cores; use fewer GPUs (--tp/--pp)"
+        )
     if gpus and not cpu_layers:
         why.add("gpu_layers", "all experts fit on the GPU(s): the CPU engine is off (LVLLM_MOE_CPU=0), this is plain vLLM")
     elif not gpus:

@@ -80,7 +80,7 @@ def test_format_cpulist_examples():
 cpu_sets = st.lists(st.integers(min_value=0, max_value=600), max_size=80)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=200, deadline=None, database=None)
 @given(cpu_sets)
 def test_cpulist_round_trip(cpus):
     text = format_cpulist(cpus)
@@ -90,7 +90,7 @@ def test_cpulist_round_trip(cpus):
     assert parse_cpulist(text) == _expand_reference(text)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=200, deadline=None, database=None)
 @given(st.lists(st.tuples(st.integers(0, 300), st.integers(0, 20)), max_size=12))
 def test_parse_matches_reference_on_random_range_text(pairs):
     items = [f"{a}-{a + n}" if n else str(a) for a, n in pairs]
@@ -99,7 +99,7 @@ def test_parse_matches_reference_on_random_range_text(pairs):
     assert parse_cpulist(text) == _expand_reference(text)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=200, deadline=None, database=None)
 @given(st.integers(1, 200).flatmap(lambda n: st.tuples(st.just(n), st.lists(st.integers(0, n - 1), max_size=40))))
 def test_layer_ranges_round_trip(case):
     n, layers = case
