@@ -45,6 +45,10 @@ def serve(
 
     err = stderr_console()
     extra = list(ctx.args)
+    if target is not None and target.startswith("-"):
+        # `serve --plan FILE -- --opt`: click hands the first word after `--` to the NAME|DIR slot.
+        extra.insert(0, target)
+        target = None
     if as_json and not dry_run:
         raise fail("--json only goes with --dry-run")
     if plan_file is not None:
@@ -137,7 +141,12 @@ def serve(
             s.echo = None  # the monitor owns the terminal from here
             _open_monitor(url, s)
 
-    code = sup.run(ready_timeout=ready_timeout, grace=grace, say=lambda m: err.print(f"[bold]lvllm:[/] {m}", highlight=False))
+    code = sup.run(
+        ready_timeout=ready_timeout,
+        grace=grace,
+        say=lambda m: err.print(f"[bold]lvllm:[/] {m}", highlight=False, markup=True),
+        on_ready=on_ready,
+    )
     raise typer.Exit(code)
 
 
