@@ -751,7 +751,7 @@ def plan_env(workers: list[Worker], gpus: list[GpuInfo], gpu_layers, cpu_layers,
 
 
 def _fmt_util(u: float) -> str:
-    return f"{u:.2f}"
+    return f"{u:.4g}"  # exact enough that vLLM gets the fraction the budget was computed with
 
 
 def plan_vllm_args(tp, pp, max_len, seqs, batched, util, profile_args: dict) -> list[str]:
