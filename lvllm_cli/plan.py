@@ -28,12 +28,12 @@ The rules, in order:
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from lvllm_cli.machine import GpuInfo, Machine
 from lvllm_cli.model_facts import ModelFacts
-from lvllm_cli.profiles import Settings, Target
+from lvllm_cli.profiles import ProfileError, Settings, Target, resolve_profile
 from lvllm_cli.ranges import format_cpulist, format_layer_ranges, format_rank_lists
 
 GiB = 1 << 30
@@ -366,13 +366,16 @@ def assign_cpus(
         cores = sorted(assigned[w], key=lambda nc: (nc[0], nc[1][0]))
         reserved: list[int] = []
         if len(cores) > RESERVED_CORES_PER_WORKER:
-            # Leave the first core of the worker's home node to its Python thread.
-            idx = next(i for i, (n, _) in enumerate(cores) if n == home[w]) if any(n == home[w] for n, _ in cores) else 0
-            reserved = cores.pop(idx)[1]
+            # Leave one core to the worker's Python thread: the first core of the node where the worker has
+            # the most cores (its GPU's node on ties), so no node loses its only core while another has spares.
+            per_node = {n: sum(1 for m, _ in cores if m == n) for n, _ in cores}
+            node = max(per_node, key=lambda n: (per_node[n], n == home[w], -n))
+            reserved = cores.pop(next(i for i, (n, _) in enumerate(cores) if n == node))[1]
         else:
             warnings.append(f"worker {w} has a single core: no core left free for vLLM's own thread")
         cpus = sorted(c for _, core in cores for c in core)
-        wnodes = sorted({n for n, _ in cores} | {home[w]})
+        # The nodes whose memory holds this worker's experts: exactly those it has threads on.
+        wnodes = sorted({n for n, _ in cores}) or [home[w]]
         g = gpus[w] if gpus else None
         workers.append(
             Worker(
@@ -822,8 +825,6 @@ def machine_summary(m: Machine) -> dict[str, Any]:
 
 
 def suggest_fixes(machine: Machine, target: Target, req: Request, plan: Plan) -> list[str]:
-    from lvllm_cli.profiles import ProfileError, _resolve_profile
-
     out: list[str] = []
     prof = target.profile
     if prof is not None:
@@ -831,7 +832,7 @@ def suggest_fixes(machine: Machine, target: Target, req: Request, plan: Plan) ->
             if vname == target.variant:
                 continue
             try:
-                alt_target = _resolve_profile(prof, vname)
+                alt_target = resolve_profile(prof, vname)
             except ProfileError:
                 continue
             alt = build_plan(machine, alt_target, req, suggest=False)
@@ -863,15 +864,11 @@ def suggest_fixes(machine: Machine, target: Target, req: Request, plan: Plan) ->
 
 
 def _with(req: Request, **kw) -> Request:
-    from dataclasses import replace
-
     return replace(req, **kw)
 
 
 def visible_gpus(machine: Machine, cuda_visible_devices: str | None, warnings: list[str]) -> Machine:
     """Honour a CUDA_VISIBLE_DEVICES the user already set (numeric indices only)."""
-    from dataclasses import replace
-
     if cuda_visible_devices is None:
         return machine
     items = [x.strip() for x in cuda_visible_devices.split(",") if x.strip()]

@@ -395,7 +395,7 @@ def resolve(arg: str, variant: str | None = None, profiles: dict[str, Profile] |
     if arg.endswith((".yaml", ".yml")):
         if not path.is_file():
             raise ProfileError(f"profile file {arg} not found")
-        return _resolve_profile(load_profile_file(path), variant)
+        return resolve_profile(load_profile_file(path), variant)
     profiles = all_profiles() if profiles is None else profiles
     # A bare word is a profile name first; write ./NAME for a directory that shares a profile's name.
     if path.is_dir() and (pathlike or arg.partition(":")[0] not in profiles):
@@ -416,7 +416,7 @@ def resolve(arg: str, variant: str | None = None, profiles: dict[str, Profile] |
             f"unknown profile {name!r}.{hint} Known profiles: {profile_names_text(profiles)}; "
             "or give a model directory (one holding config.json)"
         )
-    return _resolve_profile(profiles[name], variant)
+    return resolve_profile(profiles[name], variant)
 
 
 def _resolve_dir(path: Path, variant: str | None) -> Target:
@@ -436,7 +436,7 @@ def _resolve_dir(path: Path, variant: str | None) -> Target:
     )
 
 
-def _resolve_profile(prof: Profile, variant: str | None) -> Target:
+def resolve_profile(prof: Profile, variant: str | None) -> Target:
     if variant and variant not in prof.variants:
         known = ", ".join(prof.variants) or "none"
         raise ProfileError(f"profile {prof.name!r} has no variant {variant!r} (variants: {known})")

@@ -365,12 +365,17 @@ def test_plan_invariants_on_random_machines(m, target_name, smt):
         assert set(used) <= first_thread and sorted(used + reserved) == sorted(first_thread)
     for w in p.workers:
         assert w.threads == len(w.cpus)
-        assert {m.node_of_cpu(c) for c in w.cpus} <= set(w.numa_nodes)
-        if w.gpu is not None:
-            assert m.gpus[w.gpu].numa_node in w.numa_nodes
+        # a worker's nodes are exactly those it has threads on (its GPU's node when it has none)
+        assert w.numa_nodes == (sorted({m.node_of_cpu(c) for c in w.cpus}) or [m.gpus[w.gpu].numa_node if w.gpu is not None else 0])
     assert len(p.workers) == max(1, p.tp * p.pp) and p.tp * p.pp <= max(1, len(m.gpus))
-    # every CPU node is served by some worker
-    assert set().union(*(set(w.numa_nodes) for w in p.workers)) == {n.id for n in m.numa}
+    # every node's cores are in use (as threads or as a worker's reserved core)
+    assert {m.node_of_cpu(c) for c in used + reserved} == {n.id for n in m.numa}
+    # a GPU worker with cores on its GPU's node keeps that node
+    for w in p.workers:
+        if w.gpu is not None and any(m.node_of_cpu(c) == m.gpus[w.gpu].numa_node for c in w.cpus + w.reserved_cpus):
+            core_of = {c.id: (c.package_id, c.core_id) for c in m.cpu.online}
+            home_cores = len({core_of[c] for c in w.cpus + w.reserved_cpus if m.node_of_cpu(c) == m.gpus[w.gpu].numa_node})
+            assert m.gpus[w.gpu].numa_node in w.numa_nodes or home_cores == 1
     # GPU layers: MoE layers only, a suffix of each stage's MoE layers, within each GPU's room
     moe = t.facts.moe_layers
     assert set(p.gpu_layers) <= set(moe) and p.cpu_layers == [i for i in moe if i not in p.gpu_layers]

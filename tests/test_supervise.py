@@ -1,6 +1,5 @@
 """The supervisor with a real child process (tests/fake_vllm.py): start, /health wait, Ctrl-C, crash, escalation."""
 
-import json
 import os
 import signal
 import socket
