@@ -10,7 +10,15 @@ from typing import Optional
 
 import typer
 
-from lvllm_cli.commands._planning import EXIT_FAILED, PlanOptions, fail, make_plan, stderr_console
+from lvllm_cli.commands._planning import (
+    EXIT_FAILED,
+    PlanOptions,
+    build_request,
+    fail,
+    get_machine,
+    resolve_target,
+    stderr_console,
+)
 
 ORDER = 40
 
@@ -60,17 +68,28 @@ def serve(
             raise fail(str(e)) from None
         model, env, args, fits, problems = saved["model"], saved["env"], saved["vllm_args"], saved["fits"], saved["problems"]
         has_gpu = any(w.get("gpu") is not None for w in saved["workers"])
-        plan_dict, needs_generate, generate = saved, saved.get("needs_generate", False), None
+        plan_dict, needs_generate = saved, False
         if extra and any(o in extra for o in ("--tensor-parallel-size", "-tp", "--pipeline-parallel-size", "-pp")):
             err.print("[yellow]warning:[/] the saved plan's CPU sets were made for its own TP/PP; re-run `lvllm tune` instead of overriding them")
     else:
         if target is None:
             raise fail("give a profile name or a model directory (see `lvllm profiles`), or --plan FILE")
+        from lvllm_cli.plan import build_plan
+
         opts = PlanOptions(variant, machine, max_model_len, max_num_seqs, max_num_batched_tokens, gpu_memory_utilization, gpu_layers, tp, pp, smt)
-        target_obj, _m, _r, plan = make_plan(target, opts, extra)
+        request = build_request(opts, extra)
+        machine_obj = get_machine(machine)
+        target_obj = resolve_target(target, variant)
+        if target_obj.generate is not None and not dry_run and machine_obj.gpus:
+            # Write the demo model first: the plan must be made from its real config.json.
+            if not find_vllm().installed:
+                raise fail(f"vLLM is not installed in this Python ({sys.executable}): pip install 'lvllm[vllm]'", EXIT_FAILED)
+            _generate_demo(target_obj.generate, Path(target_obj.model), err)
+            target_obj = resolve_target(target, variant)
+        plan = build_plan(machine_obj, target_obj, request)
         model, env, args, fits, problems = plan.model, plan.env, plan.vllm_args, plan.fits, plan.problems
         has_gpu, plan_dict = plan.has_gpu, plan.to_dict()
-        needs_generate, generate = plan.needs_generate, target_obj.generate
+        needs_generate = plan.needs_generate
 
     if not has_gpu:
         raise fail("no NVIDIA GPU found: lvllm serve needs one (`lvllm tune` still shows the plan; `lvllm doctor` checks the driver)", EXIT_FAILED)
@@ -114,8 +133,6 @@ def serve(
         err.print(f"[yellow bold]warning:[/] vLLM {vllm.version} is outside the supported range {supported_range_text()}: the plugin may not load")
     if monitor:
         _check_monitor_available()
-    if needs_generate and generate is not None:
-        _generate_demo(generate, Path(model), err)
     _fresh_metrics_dir(Path(cmd.metrics_dir))
 
     from lvllm_cli.serve import base_url, curl_example
@@ -196,13 +213,14 @@ def _generate_demo(generate, model_dir: Path, err) -> None:
         raise fail(f"{model_dir} exists but holds no config.json (an interrupted or foreign copy?): remove it and run again", EXIT_FAILED)
     model_dir.parent.mkdir(parents=True, exist_ok=True)
     err.print(f"writing the demo model ({generate.arch}) to {model_dir} ...")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{model_dir.name}.", dir=model_dir.parent))
+    scratch = Path(tempfile.mkdtemp(prefix=f".{model_dir.name}.", dir=model_dir.parent))
     try:
-        write_tiny_model(generate.arch, tmp)
-        os.replace(tmp, model_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        written = Path(write_tiny_model(generate.arch, scratch / model_dir.name))
+        if not (written / "config.json").is_file():
+            raise fail(f"the demo model generator wrote no config.json into {written}", EXIT_FAILED)
+        os.replace(written, model_dir)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _fresh_metrics_dir(path: Path) -> None:
