@@ -13,8 +13,8 @@ The rules, in order:
 2. CPUs: each worker gets the physical cores of its GPU's NUMA node; nodes
    without a GPU go to the nearest worker by NUMA distance (ties: the worker
    with fewer cores so far); workers sharing a node split its cores; one core
-   per worker is left for vLLM's own Python thread; SMT siblings only with
-   `smt=True`.
+   per worker is left for vLLM's own Python thread (on the node where it has
+   the most cores, its GPU's node on ties); SMT siblings only with `smt=True`.
 3. GPU memory per GPU: VRAM x utilization - non-expert weights (its share) -
    runtime reserve - KV cache for max_model_len x max_num_seqs (+ the
    fixed-size linear-attention state per sequence) = room for experts.  The

@@ -145,7 +145,8 @@ def reference(machine_name: str, target_name: str) -> dict:
     return out
 
 
-# Hand-derived CPU sets: physical cores of each worker's nodes, minus the first core of its GPU's node.
+# Hand-derived CPU sets: physical cores of each worker's nodes, minus the first core of its GPU's node
+# (all its nodes have equally many cores, so the tie goes to the GPU's node).
 EXPECTED_CPUS = {
     "desktop": ([[0]], [list(range(1, 8))]),
     "xeon_snc": ([[0, 1], [2, 3]], [list(range(1, 28)), list(range(29, 56))]),

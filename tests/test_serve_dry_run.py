@@ -146,6 +146,10 @@ def test_saved_plan_round_trip(tmp_path):
     direct = json.loads(run_cli("serve", "glm-4.5-air", "--machine", mf, "--dry-run", "--json").stdout)
     reused = json.loads(run_cli("serve", "--plan", saved, "--dry-run", "--json").stdout)
     assert reused["argv"] == direct["argv"] and reused["env"] == direct["env"]
+    r = run_cli("serve", "--plan", saved, "--dry-run", "--max-model-len", "4096")
+    assert r.exit_code == 2 and "--max-model-len plan(s) anew" in r.stderr
+    r = run_cli("serve", "--plan", saved, "--dry-run", "--", "--tensor-parallel-size=2")
+    assert r.exit_code == 0 and "re-run `lvllm tune`" in r.stderr
     # extras still win over a saved plan
     reused = json.loads(run_cli("serve", "--plan", saved, "--dry-run", "--json", "--port", "9001", "--", "--enforce-eager").stdout)
     assert reused["argv"][-5:] == ["--host", "127.0.0.1", "--port", "9001", "--enforce-eager"]
@@ -214,3 +218,11 @@ def test_option_helpers():
     ov = read_overrides(["--max-model-len", "32K", "--kv-cache-dtype", "fp8_e4m3", "--gpu-memory-utilization", "0.5", "--served-model-name", "x"])
     assert ov.max_model_len == 32768 and ov.kv_cache_dtype_bytes == 1 and ov.gpu_memory_utilization == 0.5 and ov.served_model_name == "x"
     assert read_overrides(["--max-model-len", "auto"]).max_model_len is None
+
+
+def test_monitor_missing_is_reported_before_anything_starts(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "lvllm_cli.monitor", None)  # as if the monitor package were absent
+    write_model_config(tmp_path / "home" / "demo-qwen3-moe")
+    r = run_cli("serve", "demo", "--machine", machine_file(tmp_path, "desktop"), "--monitor")
+    assert r.exit_code == 1 and "--monitor: this build has no monitor" in r.stderr
+    assert not (tmp_path / "home" / "metrics").exists()  # nothing was started or written

@@ -48,7 +48,7 @@ def serve(
     grace: float = typer.Option(20.0, "--grace", min=0, help="Seconds between the stop signal and SIGKILL."),
 ) -> None:
     """Serve a MoE model: experts on the CPU, the rest on the GPU, in stock vLLM. Options after `--` go to vLLM and win."""
-    from lvllm_cli.serve import ServeError, build_command, find_vllm, is_loopback, load_plan_file
+    from lvllm_cli.serve import ServeError, build_command, find_vllm, is_loopback, load_plan_file, read_overrides, split_options
     from lvllm_cli.compat import supported_range_text, vllm_supported
 
     err = stderr_console()
@@ -59,9 +59,17 @@ def serve(
         target = None
     if as_json and not dry_run:
         raise fail("--json only goes with --dry-run")
+    if monitor and not dry_run:
+        _check_monitor_available()
     if plan_file is not None:
         if target is not None:
             raise fail("give either NAME|DIR or --plan FILE, not both")
+        planning = {"--variant": variant, "--machine": machine, "--max-model-len": max_model_len, "--max-num-seqs": max_num_seqs,
+                    "--max-num-batched-tokens": max_num_batched_tokens, "--gpu-memory-utilization": gpu_memory_utilization,
+                    "--gpu-layers": gpu_layers, "--tp": tp, "--pp": pp, "--smt": smt or None}  # fmt: skip
+        given = [k for k, v in planning.items() if v is not None]
+        if given:
+            raise fail(f"{', '.join(given)} plan(s) anew and cannot change a saved plan: run `lvllm tune ... --save` again, or pass vLLM options after --")
         try:
             saved = load_plan_file(plan_file)
         except ServeError as e:
@@ -69,7 +77,7 @@ def serve(
         model, env, args, fits, problems = saved["model"], saved["env"], saved["vllm_args"], saved["fits"], saved["problems"]
         has_gpu = any(w.get("gpu") is not None for w in saved["workers"])
         plan_dict, needs_generate = saved, False
-        if extra and any(o in extra for o in ("--tensor-parallel-size", "-tp", "--pipeline-parallel-size", "-pp")):
+        if {"tensor-parallel-size", "pipeline-parallel-size"} & {n for n, _ in split_options(extra)}:
             err.print("[yellow]warning:[/] the saved plan's CPU sets were made for its own TP/PP; re-run `lvllm tune` instead of overriding them")
     else:
         if target is None:
@@ -106,7 +114,7 @@ def serve(
         cmd = build_command(model, env, args, extra=extra, host=host, port=port, api_key=api_key)
     except ServeError as e:
         raise fail(str(e)) from None
-    if not is_loopback(cmd.host) and not api_key and "api-key" not in {a.lstrip("-").split("=")[0] for a in extra}:
+    if not is_loopback(cmd.host) and not api_key and not read_overrides(extra).api_key:
         err.print(
             f"[yellow bold]warning:[/] binding {cmd.host} without --api-key: anyone who can reach this port can use the model"
         )
@@ -131,8 +139,6 @@ def serve(
         raise fail(f"vLLM is not installed in this Python ({sys.executable}): pip install 'lvllm[vllm]'", EXIT_FAILED)
     if vllm.version and not vllm_supported(vllm.version):
         err.print(f"[yellow bold]warning:[/] vLLM {vllm.version} is outside the supported range {supported_range_text()}: the plugin may not load")
-    if monitor:
-        _check_monitor_available()
     _fresh_metrics_dir(Path(cmd.metrics_dir))
 
     from lvllm_cli.serve import base_url, curl_example
@@ -173,7 +179,11 @@ def serve(
 def _check_monitor_available() -> None:
     import importlib.util
 
-    if importlib.util.find_spec("lvllm_cli.monitor") is None or importlib.util.find_spec("lvllm_cli.monitor.app") is None:
+    try:
+        present = importlib.util.find_spec("lvllm_cli.monitor.app") is not None
+    except (ImportError, ValueError, AttributeError):  # parent package missing or blocked
+        present = False
+    if not present:
         raise fail("--monitor: this build has no monitor (lvllm_cli.monitor.app); serve without --monitor", EXIT_FAILED)
 
 
