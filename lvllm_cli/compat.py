@@ -56,3 +56,19 @@ def bad_torch_reason(version: str) -> str | None:
     except ValueError:
         return None
     return BAD_TORCH.get(key)
+
+
+SUPPORTED_VLLM_MIN = SUPPORTED_VLLM[0].lstrip(">=")
+SUPPORTED_VLLM_MAX_EXCLUSIVE = SUPPORTED_VLLM[1].lstrip("<")
+
+
+def vllm_supported(version: str) -> bool:
+    """True when `version` lies in the supported range; unparsable versions are not supported."""
+    try:
+        return satisfies(version)
+    except ValueError:
+        return False
+
+
+def supported_range_text() -> str:
+    return ",".join(SUPPORTED_VLLM)

@@ -1,0 +1,104 @@
+"""`lvllm tune --measure`: time the CPU-experts engine at the model's shapes and keep the fastest thread count.
+
+The benchmark itself is `lvllm_cli.moe.bench.bench_moe_decode` (the engine
+issue's `lvllm bench moe`); this module only chooses what to measure and what
+to keep.  `load_bench()` is the single place that reaches for the engine, so
+tests can substitute it and builds without the engine skip measurement cleanly.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import replace
+
+from lvllm_cli.model_facts import ModelFacts
+from lvllm_cli.plan import Plan, Worker, cpu_env
+from lvllm_cli.ranges import format_cpulist
+
+# bench(hidden, inter, experts, topk, threads, cpus, seconds) -> microseconds per layer
+BenchFn = Callable[[int, int, int, int, int, "list[int] | None", float], float]
+
+
+def load_bench() -> BenchFn | None:
+    """The engine's decode benchmark, or None when this build has no engine module."""
+    try:
+        from lvllm_cli.moe.bench import bench_moe_decode
+    except ImportError:
+        return None
+    return bench_moe_decode
+
+
+def thread_candidates(n: int, nodes: int) -> list[int]:
+    """n, 3n/4, n/2, n/4 (each a multiple of the node count, so every node gets the same share), largest first."""
+    nodes = max(1, nodes)
+    out: list[int] = []
+    for frac in (1.0, 0.75, 0.5, 0.25):
+        k = max(nodes, int(math.floor(n * frac / nodes)) * nodes) if n >= nodes else n
+        k = min(k, n)
+        if k >= 1 and k not in out:
+            out.append(k)
+    return out
+
+
+def pick_cpus(worker: Worker, k: int, node_of: dict[int, int]) -> list[int]:
+    """k of the worker's CPUs, spread evenly over its nodes (lowest ids first within a node)."""
+    by_node: dict[int, list[int]] = {}
+    for c in worker.cpus:
+        by_node.setdefault(node_of.get(c, 0), []).append(c)
+    nodes = sorted(by_node)
+    out: list[int] = []
+    i = 0
+    while len(out) < k:
+        progressed = False
+        for n in nodes:
+            if i < len(by_node[n]) and len(out) < k:
+                out.append(by_node[n][i])
+                progressed = True
+        if not progressed:
+            break
+        i += 1
+    return sorted(out)
+
+
+def measure_threads(
+    plan: Plan,
+    facts: ModelFacts,
+    node_of: dict[int, int],
+    bench: BenchFn,
+    *,
+    seconds: float = 2.0,
+    report: Callable[[str], None] = lambda s: None,
+) -> Plan:
+    """Time each thread-count candidate on worker 0's CPUs and apply the fastest fraction to every worker."""
+    if not plan.workers or not plan.cpu_layers:
+        report("nothing to measure: no MoE layer runs on the CPU in this plan")
+        return plan
+    w0 = plan.workers[0]
+    inter = facts.moe_intermediate_size // plan.tp  # each TP rank's engine holds a slice of every expert
+    results = []
+    for k in thread_candidates(w0.threads, len(w0.numa_nodes)):
+        cpus = pick_cpus(w0, k, node_of)
+        us = float(bench(facts.hidden_size, inter, facts.num_experts, facts.experts_per_tok, k, cpus, seconds))
+        results.append({"threads": k, "cpus": format_cpulist(cpus), "us_per_layer": us})
+        report(f"{k:4d} threads on {format_cpulist(cpus)}: {us:9.1f} us per layer")
+    best = min(results, key=lambda r: (r["us_per_layer"], r["threads"]))
+    frac = best["threads"] / w0.threads
+    workers = []
+    for w in plan.workers:
+        k = w.threads if best["threads"] == w0.threads else max(1, round(w.threads * frac))
+        cpus = pick_cpus(w, k, node_of)
+        workers.append(replace(w, cpus=cpus, threads=len(cpus)))
+    note = (
+        f"measured: {best['threads']} threads per worker were fastest ({best['us_per_layer']:.1f} us per layer; "
+        f"tried {', '.join(str(r['threads']) for r in results)})"
+    )
+    choices = [
+        {**c, "value": " + ".join(str(w.threads) for w in workers), "why": f"{c['why']}; {note}"}
+        if c["setting"] == "threads"
+        else c
+        for c in plan.choices
+    ]
+    reasons = [f"{c['setting']} = {c['value']}: {c['why']}" for c in choices]
+    env = {**plan.env, **cpu_env(workers, plan.tp, plan.pp)}
+    return replace(plan, workers=workers, reasons=reasons, choices=choices, env=env, measurements=results)

@@ -1,0 +1,315 @@
+"""Run the vLLM server as a supervised child: logs, readiness, clean shutdown of the whole process group.
+
+- The child starts in its own session (start_new_session=True), so it and every
+  process it spawns (engine core, one worker per GPU) share one process group
+  that we can signal as a unit, and a terminal Ctrl-C reaches only us.
+- On Linux the child also gets PR_SET_PDEATHSIG=SIGTERM: if lvllm itself is
+  killed with SIGKILL, the server is told to stop instead of holding VRAM.
+- Output is passed through as it comes (progress bars keep working) and the
+  last `keep_lines` lines are kept for the error report.
+- Readiness: GET /health returns 200 (polled, proxies bypassed).
+- SIGINT/SIGTERM/SIGHUP to lvllm are forwarded to the group; whatever is still
+  alive after `grace` seconds gets SIGKILL.  A second Ctrl-C kills at once.
+- When the server dies on its own, the rest of its group is stopped too and
+  the caller gets the last log lines and a hint.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def _pdeathsig_preexec() -> Callable[[], None] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        prctl = libc.prctl
+    except (OSError, AttributeError):
+        return None
+    pr_set_pdeathsig = 1
+
+    def preexec() -> None:  # runs in the child between fork and exec: no Python-level work
+        prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+    return preexec
+
+
+@dataclass
+class Outcome:
+    status: str  # ready | died | timeout | stopped
+    returncode: int | None = None
+
+
+class Supervisor:
+    def __init__(
+        self,
+        argv: list[str],
+        env: dict[str, str],
+        health_url: str,
+        *,
+        keep_lines: int = 200,
+        echo: Callable[[bytes], None] | None = None,
+        poll_interval: float = 0.5,
+    ):
+        self.argv = argv
+        self.env = env
+        self.health_url = health_url
+        self.echo = echo
+        self.poll_interval = poll_interval
+        self._lines: collections.deque[str] = collections.deque(maxlen=keep_lines)
+        self._lock = threading.Lock()
+        self._partial = b""
+        self.proc: subprocess.Popen | None = None
+        self._reader: threading.Thread | None = None
+        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        self.started_at: float | None = None
+
+    # ---- process ------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            self.argv,
+            env=self.env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=_pdeathsig_preexec(),
+            close_fds=True,
+        )
+        self.started_at = time.monotonic()
+        self._reader = threading.Thread(target=self._read, name="lvllm-log-reader", daemon=True)
+        self._reader.start()
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def _read(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        fd = self.proc.stdout.fileno()
+        while True:
+            try:
+                chunk = os.read(fd, 65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            if self.echo is not None:
+                try:
+                    self.echo(chunk)
+                except Exception:  # a closed terminal must not stop the log collection
+                    self.echo = None
+            self._collect(chunk)
+        self._collect(b"\n")
+
+    def _collect(self, chunk: bytes) -> None:
+        data = self._partial + chunk
+        parts = re.split(rb"\r\n|\r|\n", data)
+        self._partial = parts.pop()
+        with self._lock:
+            for p in parts:
+                line = _ANSI.sub("", p.decode("utf-8", "replace")).rstrip()
+                if line:
+                    self._lines.append(line)
+
+    def lines(self) -> list[str]:
+        with self._lock:
+            return list(self._lines)
+
+    def poll(self) -> int | None:
+        return None if self.proc is None else self.proc.poll()
+
+    def group_alive(self) -> bool:
+        if self.proc is None:
+            return False
+        self.proc.poll()  # reap the leader so a zombie does not count
+        try:
+            os.killpg(self.proc.pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
+    def signal_group(self, sig: int) -> None:
+        if self.proc is None:
+            return
+        try:
+            os.killpg(self.proc.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def stop(self, sig: int = signal.SIGTERM, grace: float = 20.0, already_signalled: bool = False) -> int | None:
+        """Signal the group, wait up to `grace` seconds for all of it to exit, then SIGKILL what is left."""
+        if self.proc is None:
+            return None
+        if not already_signalled:
+            self.signal_group(sig)
+        deadline = time.monotonic() + grace
+        while self.group_alive() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if self.group_alive():
+            self.signal_group(signal.SIGKILL)
+            end = time.monotonic() + 5
+            while self.group_alive() and time.monotonic() < end:
+                time.sleep(0.05)
+        rc = self.proc.wait()
+        if self._reader is not None:
+            self._reader.join(timeout=2)
+        return rc
+
+    # ---- readiness -------------------------------------------------------------------
+
+    def healthy(self) -> bool:
+        try:
+            with self._opener.open(self.health_url, timeout=2) as r:
+                return r.status == 200
+        except (urllib.error.URLError, OSError, ValueError):
+            return False
+
+    def wait_ready(self, timeout: float, should_stop: Callable[[], bool] = lambda: False) -> Outcome:
+        assert self.proc is not None
+        deadline = time.monotonic() + timeout
+        while True:
+            rc = self.proc.poll()
+            if rc is not None:
+                return Outcome("died", rc)
+            if should_stop():
+                return Outcome("stopped")
+            if self.healthy():
+                return Outcome("ready")
+            if time.monotonic() >= deadline:
+                return Outcome("timeout")
+            time.sleep(self.poll_interval)
+
+    # ---- the whole foreground life --------------------------------------------------
+
+    def run(
+        self,
+        *,
+        ready_timeout: float,
+        grace: float,
+        say: Callable[[str], None],
+        on_ready: Callable[[Supervisor], None] | None = None,
+    ) -> int:
+        """Start, wait for /health, stay until the server exits or we are told to stop; the exit code for lvllm."""
+        requested: list[int] = []
+        forwarded: list[bool] = []
+
+        def forward_sig() -> int:
+            return signal.SIGINT if requested and requested[0] == signal.SIGINT else signal.SIGTERM
+
+        def handler(signum, frame):  # noqa: ARG001
+            if requested:  # second request: no more patience
+                self.signal_group(signal.SIGKILL)
+                return
+            requested.append(signum)
+            if self.proc is not None:
+                self.signal_group(forward_sig())
+                forwarded.append(True)
+
+        old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+        try:
+            self.start()
+            say(f"started vLLM (pid {self.pid}); waiting for {self.health_url}")
+            out = self.wait_ready(ready_timeout, should_stop=lambda: bool(requested))
+            if out.status == "ready":
+                assert self.started_at is not None
+                say(f"ready after {time.monotonic() - self.started_at:.0f} s")
+                if on_ready is not None:
+                    on_ready(self)
+                while self.proc.poll() is None and not requested:
+                    time.sleep(0.2)
+                out = Outcome("stopped") if requested else Outcome("died", self.proc.poll())
+            if out.status == "stopped":
+                say(f"stopping vLLM (process group {self.pid}), up to {grace:.0f} s before SIGKILL")
+                self.stop(sig=forward_sig(), grace=grace, already_signalled=bool(forwarded))
+                say("stopped")
+                return 0
+            if out.status == "timeout":
+                say(f"vLLM did not answer {self.health_url} within {ready_timeout:.0f} s: stopping it")
+                self.stop(grace=grace)
+                self._report(None, say, "it never became ready: raise --ready-timeout if loading is just slow")
+                return 1
+            # died on its own: take the rest of its group down too (workers holding VRAM)
+            self.stop(grace=min(grace, 5.0))
+            self._report(out.returncode, say, hint_for(self.lines(), out.returncode))
+            return exit_code_for(out.returncode)
+        finally:
+            if self.proc is not None and self.group_alive():
+                self.stop(grace=grace)
+            for s, h in old.items():
+                signal.signal(s, h)
+
+    def _report(self, rc: int | None, say: Callable[[str], None], hint: str) -> None:
+        what = "vLLM exited" if rc is None else f"vLLM exited with {describe_returncode(rc)}"
+        tail = self.lines()[-30:]
+        say(f"{what}. Last {len(tail)} log lines:")
+        for line in tail:
+            say(f"  | {line}")
+        say(f"hint: {hint}")
+
+
+def describe_returncode(rc: int) -> str:
+    if rc < 0:
+        try:
+            return f"signal {signal.Signals(-rc).name}"
+        except ValueError:
+            return f"signal {-rc}"
+    return f"code {rc}"
+
+
+def exit_code_for(rc: int | None) -> int:
+    if rc is None or rc == 0:
+        return 1  # the server is not supposed to stop by itself
+    return 128 - rc if rc < 0 else rc
+
+
+_HINTS: list[tuple[str, str]] = [
+    (r"CUDA out of memory|OutOfMemoryError|No available memory for the cache blocks|KV cache (memory|is) (is )?(not enough|insufficient)|larger than the available KV cache",
+     "the GPU ran out of memory: lower --max-model-len, --max-num-seqs or --gpu-layers (`lvllm tune` shows the budget)"),
+    (r"Address already in use|address already in use",
+     "the port is taken: pick another with --port, or stop the other server"),
+    (r"No module named '?vllm'?",
+     "vLLM is not installed in this environment: pip install 'lvllm[vllm]'"),
+    (r"Cannot allocate memory|MemoryError|std::bad_alloc",
+     "the host ran out of RAM: `lvllm tune` shows what the CPU experts need; try a quantized variant or more GPU layers"),
+    (r"No CUDA GPUs are available|no CUDA-capable device|CUDA driver version is insufficient|NVIDIA driver",
+     "vLLM cannot use the GPU: check `nvidia-smi` and `lvllm doctor`"),
+    (r"is not divisible by|not divisible by",
+     "the model does not split across the GPUs this way: try `lvllm serve ... -- --pipeline-parallel-size N --tensor-parallel-size 1`"),
+    (r"gated repo|401 Client Error|Repository Not Found|RepositoryNotFoundError|LocalEntryNotFoundError",
+     "the model could not be downloaded: check the name, run `huggingface-cli login` or set HF_TOKEN"),
+    (r"Illegal instruction",
+     "a CPU instruction is missing on this machine: run `lvllm doctor`"),
+]
+
+
+def hint_for(lines: list[str], returncode: int | None) -> str:
+    text = "\n".join(lines[-200:])
+    for pattern, hint in _HINTS:
+        if re.search(pattern, text):
+            return hint
+    if returncode == -signal.SIGKILL:
+        return "vLLM was killed (SIGKILL), most often by the kernel's out-of-memory killer: check `dmesg`; `lvllm tune` shows the RAM the plan needs"
+    if returncode == -signal.SIGILL:
+        return "a CPU instruction is missing on this machine: run `lvllm doctor`"
+    return "read the log lines above; `lvllm doctor` checks the machine and the Python stack"
