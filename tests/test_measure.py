@@ -81,9 +81,19 @@ def test_measure_uses_the_tp_slice_and_skips_without_cpu_layers():
     assert measure.measure_threads(plan, t.facts, {}, bench) is plan and bench.calls == []
 
 
-def test_cli_measure_without_engine_module_says_so(tmp_path):
+def test_cli_measure_refuses_a_saved_machine(tmp_path):
     r = run_cli("tune", "qwen3-next:awq", "--machine", machine_file(tmp_path, "desktop"), "--measure", "--json")
     assert r.exit_code == 0
+    assert "--measure skipped" in r.stderr and "times this machine's CPUs" in r.stderr
+    assert json.loads(r.stdout)["measurements"] == []
+
+
+def test_cli_measure_without_engine_module_says_so(tmp_path, monkeypatch):
+    from fixtures.sysfs import make_desktop
+
+    monkeypatch.setattr(measure, "load_bench", lambda: None)
+    r = run_cli("tune", "qwen3-next:awq", "--measure", "--json", env={"LVLLM_SYSROOT": str(make_desktop(tmp_path / "root"))})
+    assert r.exit_code == 0, r.output
     assert "--measure skipped" in r.stderr and "lvllm_cli.moe.bench" in r.stderr
     assert json.loads(r.stdout)["measurements"] == []
 
@@ -91,7 +101,10 @@ def test_cli_measure_without_engine_module_says_so(tmp_path):
 def test_cli_measure_with_a_benchmark(tmp_path, monkeypatch):
     bench = Curve(best=3)
     monkeypatch.setattr(measure, "load_bench", lambda: bench)
-    r = run_cli("tune", "qwen3-next:awq", "--machine", machine_file(tmp_path, "desktop"), "--measure", "--measure-seconds", "0.2", "--json")
+    from fixtures.sysfs import make_desktop
+
+    root = make_desktop(tmp_path / "root")
+    r = run_cli("tune", "qwen3-next:awq", "--measure", "--measure-seconds", "0.2", "--json", env={"LVLLM_SYSROOT": str(root)})
     assert r.exit_code == 0, r.output
     out = json.loads(r.stdout)
     assert [x["threads"] for x in out["measurements"]] == [7, 5, 3, 1]

@@ -36,7 +36,9 @@ def tune(
     opts = PlanOptions(variant, machine, max_model_len, max_num_seqs, max_num_batched_tokens, gpu_memory_utilization, gpu_layers, tp, pp, smt)
     target_obj, machine_obj, _request, plan = make_plan(target, opts)
     err = Console(stderr=True, highlight=False, soft_wrap=True)
-    if measure:
+    if measure and machine is not None:
+        err.print(f"[yellow]--measure skipped:[/] it times this machine's CPUs, but the plan is for the machine in {machine}")
+    elif measure:
         plan = _measure(plan, target_obj, machine_obj, measure_seconds, err)
     data = plan.to_dict()
     if save is not None:
