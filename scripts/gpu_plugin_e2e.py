@@ -25,9 +25,13 @@ HERE = Path(__file__).resolve().parent
 def vllm_run(model: Path, out: Path, log: Path, env_extra: dict, args: list[str]) -> dict:
     env = {**os.environ, **env_extra}
     t = time.time()
+    print(f"[{time.strftime('%H:%M:%S')}] {model.name} {env_extra or 'stock'} {args}", flush=True)
     with open(log, "w") as f:
-        rc = subprocess.call([sys.executable, str(HERE / "vllm_run.py"), str(model), str(out), *args],
-                             env=env, stdout=f, stderr=subprocess.STDOUT, timeout=900)
+        try:
+            rc = subprocess.call([sys.executable, str(HERE / "vllm_run.py"), str(model), str(out), *args],
+                             env=env, stdout=f, stderr=subprocess.STDOUT, timeout=int(os.environ.get("LVLLM_RUN_TIMEOUT", "240")))
+        except subprocess.TimeoutExpired:
+            rc = "timeout"
     if not out.exists():
         tail = log.read_text()[-3000:]
         return {"error": f"exit {rc} after {time.time() - t:.0f}s", "log_tail": tail}
