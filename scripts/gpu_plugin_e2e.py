@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -27,10 +28,14 @@ def vllm_run(model: Path, out: Path, log: Path, env_extra: dict, args: list[str]
     t = time.time()
     print(f"[{time.strftime('%H:%M:%S')}] {model.name} {env_extra or 'stock'} {args}", flush=True)
     with open(log, "w") as f:
+        # Own process group: a timeout must also take vLLM's engine-core child (and its GPU memory) down.
+        p = subprocess.Popen([sys.executable, str(HERE / "vllm_run.py"), str(model), str(out), *args],
+                             env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            rc = subprocess.call([sys.executable, str(HERE / "vllm_run.py"), str(model), str(out), *args],
-                             env=env, stdout=f, stderr=subprocess.STDOUT, timeout=int(os.environ.get("LVLLM_RUN_TIMEOUT", "240")))
+            rc = p.wait(timeout=int(os.environ.get("LVLLM_RUN_TIMEOUT", "240")))
         except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
             rc = "timeout"
     if not out.exists():
         tail = log.read_text()[-3000:]
