@@ -226,6 +226,11 @@ def base_url(host: str, port: int) -> str:
     return f"http://{h}:{port}"
 
 
+def server_log_path(port: int) -> Path:
+    """Where `lvllm serve` keeps the log of the server on `port` (the dashboard's log pane reads it)."""
+    return lvllm_home() / "logs" / f"server-{port}.log"
+
+
 def metrics_dir_for(port: int) -> Path:
     return lvllm_home() / "metrics" / str(port)
 

@@ -207,7 +207,7 @@ def test_vllm_not_installed_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
     write_model_config(tmp_path / "home" / "demo-qwen3-moe")
     r = run_cli("serve", "demo", "--machine", machine_file(tmp_path, "desktop"))
-    assert r.exit_code == 1 and "vLLM is not installed" in r.stderr and "pip install" in r.stderr
+    assert r.exit_code == 1 and "vLLM is not installed" in r.stderr and "pip install 'lvllm[vllm]'" in r.stderr
 
 
 def test_option_helpers():
@@ -218,11 +218,3 @@ def test_option_helpers():
     ov = read_overrides(["--max-model-len", "32K", "--kv-cache-dtype", "fp8_e4m3", "--gpu-memory-utilization", "0.5", "--served-model-name", "x"])
     assert ov.max_model_len == 32768 and ov.kv_cache_dtype_bytes == 1 and ov.gpu_memory_utilization == 0.5 and ov.served_model_name == "x"
     assert read_overrides(["--max-model-len", "auto"]).max_model_len is None
-
-
-def test_monitor_missing_is_reported_before_anything_starts(tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "lvllm_cli.monitor", None)  # as if the monitor package were absent
-    write_model_config(tmp_path / "home" / "demo-qwen3-moe")
-    r = run_cli("serve", "demo", "--machine", machine_file(tmp_path, "desktop"), "--monitor")
-    assert r.exit_code == 1 and "--monitor: this build has no monitor" in r.stderr
-    assert not (tmp_path / "home" / "metrics").exists()  # nothing was started or written

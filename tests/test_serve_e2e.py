@@ -5,106 +5,11 @@ environment it was started with, so these tests see exactly what vLLM would.
 """
 
 import json
-import os
-import queue
-import shutil
 import signal
-import socket
-import subprocess
-import sys
-import threading
-import time
 from pathlib import Path
 
-import pytest
 from cli_helpers import machine_file, write_model_config
-
-HERE = Path(__file__).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def fake_vllm(tmp_path) -> Path:
-    root = tmp_path / "pkgs"
-    cli = root / "vllm" / "entrypoints" / "cli"
-    cli.mkdir(parents=True)
-    for d in (root / "vllm", root / "vllm" / "entrypoints", cli):
-        (d / "__init__.py").write_text("")
-    shutil.copy(HERE / "fake_vllm.py", cli / "main.py")
-    meta = root / "vllm-0.26.0.dist-info"
-    meta.mkdir()
-    (meta / "METADATA").write_text("Metadata-Version: 2.1\nName: vllm\nVersion: 0.26.0\n")
-    return root
-
-
-class Lvllm:
-    """`python -m lvllm_cli ...` in a subprocess, its merged output read by a thread (no blocking readline)."""
-
-    def __init__(self, proc: subprocess.Popen):
-        self.proc = proc
-        self.lines: queue.Queue = queue.Queue()
-        self.seen: list[str] = []
-        threading.Thread(target=self._pump, daemon=True).start()
-
-    def _pump(self):
-        for line in self.proc.stdout:
-            self.lines.put(line)
-        self.lines.put(None)
-
-    def read_until(self, needle: str, timeout: float = 60) -> str:
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            try:
-                line = self.lines.get(timeout=0.2)
-            except queue.Empty:
-                continue
-            if line is None:
-                break
-            self.seen.append(line)
-            if needle in line:
-                return line
-        self.proc.kill()
-        raise AssertionError(f"{needle!r} never appeared; output:\n{''.join(self.seen)}")
-
-    def finish(self, timeout: float = 60) -> str:
-        self.proc.wait(timeout=timeout)
-        while True:
-            line = self.lines.get(timeout=10)
-            if line is None:
-                return "".join(self.seen)
-            self.seen.append(line)
-
-
-def start_lvllm(tmp_path, fake_vllm, args, **env_extra) -> Lvllm:
-    env = dict(os.environ)
-    env.update(
-        PYTHONPATH=str(fake_vllm),
-        LVLLM_HOME=str(tmp_path / "home"),
-        HF_HUB_CACHE=str(tmp_path / "hf"),
-        FAKE_RECORD=str(tmp_path / "record.json"),
-        FAKE_HEALTH_DELAY="0.8",
-        COLUMNS="200",
-    )
-    for var in ("VLLM_PLUGINS", "CUDA_VISIBLE_DEVICES", "LVLLM_API_KEY"):
-        env.pop(var, None)
-    env.update({k: str(v) for k, v in env_extra.items()})
-    # cwd outside the repo: `-m lvllm_cli` must import the installed package
-    proc = subprocess.Popen([sys.executable, "-m", "lvllm_cli", *map(str, args)], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    return Lvllm(proc)
-
-
-def alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().split(")")[-1].split()[0] != "Z"
+from serve_helpers import alive, fake_vllm, free_port, start_lvllm  # noqa: F401 (fake_vllm is a fixture)
 
 
 def test_serve_model_dir_end_to_end(tmp_path, fake_vllm):
@@ -127,6 +32,8 @@ def test_serve_model_dir_end_to_end(tmp_path, fake_vllm):
     rest = run.finish()
     assert run.proc.returncode == 0, rest
     assert "lvllm: stopped" in rest and not alive(rec["pid"])
+    log = tmp_path / "home" / "logs" / f"server-{port}.log"  # everything vLLM printed, kept after it exits
+    assert f"log: {log}" in "".join(run.seen) and "fake vllm: serving on" in log.read_text() and "shutting down" in log.read_text()
 
 
 def test_serve_demo_with_pregenerated_model(tmp_path, fake_vllm):

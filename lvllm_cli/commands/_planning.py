@@ -21,8 +21,10 @@ EXIT_FAILED = 1
 def fail(message: str, code: int = EXIT_BAD_INPUT) -> typer.Exit:
     """Print `error: message` on stderr and return the Exit to raise."""
     from rich.console import Console
+    from rich.markup import escape
 
-    Console(stderr=True, highlight=False).print(f"[red bold]error:[/] {message}", markup=True, soft_wrap=True)
+    # escape: messages quote user input and shell text such as `pip install 'lvllm[vllm]'`
+    Console(stderr=True, highlight=False).print(f"[red bold]error:[/] {escape(message)}", markup=True, soft_wrap=True)
     return typer.Exit(code)
 
 
