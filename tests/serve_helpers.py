@@ -84,12 +84,13 @@ def start_lvllm(tmp_path, fake_vllm, args, **env_extra) -> Lvllm:
     env.update(
         PYTHONPATH=str(fake_vllm),
         LVLLM_HOME=str(tmp_path / "home"),
+        XDG_RUNTIME_DIR=str(tmp_path / "run"),
         HF_HUB_CACHE=str(tmp_path / "hf"),
         FAKE_RECORD=str(tmp_path / "record.json"),
         FAKE_HEALTH_DELAY="0.8",
         COLUMNS="200",
     )
-    for var in ("VLLM_PLUGINS", "CUDA_VISIBLE_DEVICES", "LVLLM_API_KEY"):
+    for var in ("VLLM_PLUGINS", "CUDA_VISIBLE_DEVICES", "LVLLM_API_KEY", "LVLLM_METRICS_DIR"):
         env.pop(var, None)
     env.update({k: str(v) for k, v in env_extra.items()})
     # cwd outside the repo: `-m lvllm_cli` must import the installed package

@@ -19,7 +19,8 @@ TARGETS = ["demo", "qwen3-coder-30b", "qwen3-next", "qwen3-next:fp8", "qwen3-nex
 def isolated(tmp_path, monkeypatch):
     monkeypatch.setenv("LVLLM_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
-    for var in ("VLLM_PLUGINS", "CUDA_VISIBLE_DEVICES", "LVLLM_API_KEY"):
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "run"))
+    for var in ("VLLM_PLUGINS", "CUDA_VISIBLE_DEVICES", "LVLLM_API_KEY", "LVLLM_METRICS_DIR"):
         monkeypatch.delenv(var, raising=False)
 
 
@@ -39,7 +40,7 @@ def test_dry_run_argv_and_env(tmp_path, machine_name, target_name):
     assert r.exit_code == 0, r.output
     out = json.loads(r.stdout)
     assert out["argv"] == [sys.executable, "-m", VLLM_MODULE, "serve", plan.model, *plan.vllm_args, "--host", "127.0.0.1", "--port", "8000"]
-    metrics = os.path.join(os.environ["LVLLM_HOME"], "metrics", "8000")
+    metrics = os.path.join(os.environ["XDG_RUNTIME_DIR"], "lvllm", "port-8000")
     assert out["env"] == {**plan.env, "LVLLM_METRICS_DIR": metrics}
     assert out["url"] == "http://127.0.0.1:8000" and out["model_name"] == plan.model
     assert out["plan"]["tp"] == plan.tp and out["plan"]["gpu_layers"] == plan.gpu_layers

@@ -5,7 +5,10 @@ environment it was started with, so these tests see exactly what vLLM would.
 """
 
 import json
+import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 from cli_helpers import machine_file, write_model_config
@@ -25,8 +28,9 @@ def test_serve_model_dir_end_to_end(tmp_path, fake_vllm):
     assert argv[argv.index("--port") + 1] == str(port) and argv[argv.index("--host") + 1] == "127.0.0.1"
     assert "k3y" not in argv and env["VLLM_API_KEY"] == "k3y"
     assert env["LVLLM_MOE_CPU"] == "1" and env["LVLLM_GPU_LAYERS"] == "6-7" and env["LK_CPUS"] == "1-7" and env["LK_THREADS"] == "7" and env["OMP_NUM_THREADS"] == "1"
-    assert env["LVLLM_METRICS_DIR"] == str(tmp_path / "home" / "metrics" / str(port))
-    assert Path(env["LVLLM_METRICS_DIR"]).is_dir()
+    metrics = tmp_path / "run" / "lvllm" / f"port-{port}"  # $XDG_RUNTIME_DIR/lvllm/port-<port>
+    assert env["LVLLM_METRICS_DIR"] == str(metrics)
+    assert metrics.is_dir() and (metrics.stat().st_mode & 0o777) == 0o700
     assert rec["pgid"] == rec["pid"]  # its own process group
     run.proc.send_signal(signal.SIGINT)
     rest = run.finish()
@@ -66,3 +70,42 @@ def test_unsupported_vllm_version_warns(tmp_path, fake_vllm):
     run.proc.send_signal(signal.SIGINT)
     run.finish()
     assert run.proc.returncode == 0
+
+
+def test_lvllm_monitor_finds_the_engine_figures_of_a_served_model(tmp_path, fake_vllm):
+    """serve gives the plugin a directory the monitor finds from the URL alone; stale files of a
+    dead server on the same port are cleared at start."""
+    model = write_model_config(tmp_path / "m", num_hidden_layers=8)
+    port = free_port()
+    metrics = tmp_path / "run" / "lvllm" / f"port-{port}"
+    metrics.mkdir(parents=True)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (metrics / f"lk_moe-{dead.pid}.prom").write_text("lvllm_moe_threads 99\n")
+    run = start_lvllm(tmp_path, fake_vllm, ["serve", model, "--machine", machine_file(tmp_path, "desktop"), "--port", port])
+    run.read_until("curl ")
+    env = {**os.environ, "XDG_RUNTIME_DIR": str(tmp_path / "run")}
+    env.pop("LVLLM_METRICS_DIR", None)
+    try:
+        mon = subprocess.run([sys.executable, "-m", "lvllm_cli", "monitor", "--once", "--json", "--interval", "1.2", f"http://127.0.0.1:{port}"],
+                             capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60)
+    finally:
+        run.proc.send_signal(signal.SIGINT)
+        run.finish()
+    assert mon.returncode == 0, mon.stderr
+    snap = json.loads(mon.stdout)
+    assert snap["moe"] is not None, snap["moe_note"]
+    assert snap["moe"]["workers"] == 1 and snap["moe"]["threads"] == 7  # LK_THREADS of the desktop plan, not the dead 99
+    assert snap["moe"]["calls_per_s"] > 0 and snap["generation_tokens_per_s"] > 0
+    assert not (metrics / f"lk_moe-{dead.pid}.prom").exists()
+
+
+def test_metrics_dir_of_another_user_is_refused_before_start(tmp_path, fake_vllm):
+    model = write_model_config(tmp_path / "m")
+    port = free_port()
+    (tmp_path / "run" / "lvllm").mkdir(parents=True)
+    (tmp_path / "run" / "lvllm" / f"port-{port}").symlink_to(tmp_path)  # not a plain directory of ours
+    run = start_lvllm(tmp_path, fake_vllm, ["serve", model, "--machine", machine_file(tmp_path, "desktop"), "--port", port])
+    out = run.finish()
+    assert run.proc.returncode == 1 and "CPU-expert figures directory" in out and "LVLLM_METRICS_DIR" in out
+    assert not (tmp_path / "record.json").exists()  # vLLM never started

@@ -106,7 +106,8 @@ def served(tmp_path, fake_vllm):
         model = write_model_config(tmp_path / "Qwen3-30B-A3B", num_hidden_layers=8)
         port = free_port()
         env = dict(os.environ, PYTHONPATH=str(fake_vllm), LVLLM_HOME=str(tmp_path / "home"), HF_HUB_CACHE=str(tmp_path / "hf"),
-                   FAKE_RECORD=str(tmp_path / "record.json"), FAKE_HEALTH_DELAY="0.5", TERM="xterm-256color")
+                   FAKE_RECORD=str(tmp_path / "record.json"), FAKE_HEALTH_DELAY="0.5", TERM="xterm-256color",
+                   XDG_RUNTIME_DIR=str(tmp_path / "run"))
         for var in ("VLLM_PLUGINS", "CUDA_VISIBLE_DEVICES", "LVLLM_API_KEY", "LVLLM_METRICS_DIR"):
             env.pop(var, None)
         run = PtyLvllm(["serve", model, "--machine", machine_file(tmp_path, "desktop"), "--port", port, "--monitor", *extra],
@@ -134,6 +135,7 @@ def test_dashboard_shows_the_server_and_y_stops_it(served, tmp_path):
     run, record, port = served()
     run.until("fake vllm: serving on")  # the server's log, in the pane
     run.until("tok/s")  # figures from its /metrics
+    run.until("7 (1 proc)")  # the CPU-expert threads its worker publishes (LK_THREADS of the desktop plan)
     assert alive(record["pid"])
     mark = len(run.text())
     run.type("q")

@@ -141,7 +141,7 @@ def serve(
         raise fail(f"vLLM is not installed in this Python ({sys.executable}): pip install 'lvllm[vllm]'", EXIT_FAILED)
     if vllm.version and not vllm_supported(vllm.version):
         err.print(f"[yellow bold]warning:[/] vLLM {vllm.version} is outside the supported range {supported_range_text()}: the plugin may not load")
-    _fresh_metrics_dir(Path(cmd.metrics_dir))
+    _prepare_metrics_dir(Path(cmd.metrics_dir))
 
     from lvllm_cli.serve import base_url, curl_example, server_log_path
     from lvllm_cli.supervise import Supervisor
@@ -166,7 +166,7 @@ def serve(
             from lvllm_cli.monitor.app import SERVER_KEPT
 
             s.echo = None  # the dashboard owns the terminal now; it shows the log file instead
-            if _open_monitor(url, s, api_key, err) == SERVER_KEPT:
+            if _open_monitor(url, s, api_key, Path(cmd.metrics_dir), err) == SERVER_KEPT:
                 err.print(f"[bold]lvllm:[/] the server keeps running (pid {s.pid}); its log follows. Ctrl-C stops it.")
                 s.echo = echo
 
@@ -182,7 +182,7 @@ def serve(
 # ---- the dashboard ------------------------------------------------------------------------------
 
 
-def _open_monitor(url: str, supervisor, api_key: str | None, err) -> str:
+def _open_monitor(url: str, supervisor, api_key: str | None, metrics_dir: Path, err) -> str:
     """The dashboard on the server `supervisor` runs, until the user quits it.
 
     Returns the monitor's answer: "server-stopped" (the user had it stopped),
@@ -196,7 +196,7 @@ def _open_monitor(url: str, supervisor, api_key: str | None, err) -> str:
         supervisor.on_stop_request = app.request_exit
 
     try:
-        return run_attached(url, supervisor, api_key=api_key, on_app=connect)
+        return run_attached(url, supervisor, api_key=api_key, metrics_dirs=[metrics_dir], on_app=connect)
     except Exception as e:  # noqa: BLE001 - whatever broke the dashboard, the server stays supervised
         err.print(f"[yellow]the monitor failed:[/] {type(e).__name__}: {escape(str(e))}", markup=True)
         return SERVER_KEPT if supervisor.is_running() else SERVER_EXITED
@@ -230,14 +230,17 @@ def _generate_demo(generate, model_dir: Path, err) -> None:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _fresh_metrics_dir(path: Path) -> None:
-    """The plugin's per-process Prometheus files: start each server with an empty directory of its own."""
-    path.mkdir(parents=True, exist_ok=True)
-    for f in path.glob("*.db"):
-        try:
-            f.unlink()
-        except OSError:
-            pass
+def _prepare_metrics_dir(path: Path) -> None:
+    """The plugin's per-worker figure files go here: a directory of ours (0700), without the
+    files of workers of an earlier server that are gone. A directory we may not use would make
+    every worker fail, so it is an error before anything starts."""
+    from lvllm_cli.monitor.engine_metrics import prepare_dir, remove_dead_workers
+
+    try:
+        prepare_dir(path)
+    except OSError as e:
+        raise fail(f"CPU-expert figures directory: {e}", EXIT_FAILED) from None
+    remove_dead_workers(path)
 
 
 def register(app: typer.Typer) -> None:

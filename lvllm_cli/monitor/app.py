@@ -99,13 +99,14 @@ class MonitorApp(App[str]):
         latency_window_s: float = 30.0,
         server: ServerHandle | None = None,
         poller: Poller | None = None,
+        metrics_dirs: list | None = None,
     ) -> None:
         super().__init__()
         self.interval = interval
         self.server = server
         self.poller = poller or Poller(
             url or "", api_key=api_key, filters=filters, latency_window_s=latency_window_s,
-            server_pid=server.pid if server is not None else None,
+            server_pid=server.pid if server is not None else None, metrics_dirs=metrics_dirs,
         )
         self.frame: Frame | None = None
         self.paused = False
@@ -300,6 +301,7 @@ def run_attached(
     *,
     api_key: str | None = None,
     interval: float = 1.0,
+    metrics_dirs: list | None = None,
     on_app: Callable[[MonitorApp], None] | None = None,
     **run_kwargs,
 ) -> str:
@@ -307,6 +309,7 @@ def run_attached(
 
     `server` is a ServerHandle (serve passes its Supervisor) or a Popen started
     with start_new_session=True whose stdout+stderr go to `log_path`.
+    `metrics_dirs`: where the server's CPU-expert figures are (default: found from the URL).
     `on_app(app)` is called before the app runs (serve connects its signal
     handling to `app.request_exit`). Returns SERVER_STOPPED, SERVER_KEPT (user
     left it running) or SERVER_EXITED (it died on its own).
@@ -314,7 +317,7 @@ def run_attached(
     from lvllm_cli.monitor.server import PopenServer
 
     handle: ServerHandle = server if isinstance(server, ServerHandle) else PopenServer(server, log_path)
-    app = MonitorApp(url, api_key=api_key, interval=interval, server=handle)
+    app = MonitorApp(url, api_key=api_key, interval=interval, server=handle, metrics_dirs=metrics_dirs)
     if on_app is not None:
         on_app(app)
     result = app.run(**run_kwargs)

@@ -55,16 +55,59 @@ def metrics_dir(environ: Mapping[str, str] | None = None) -> Path:
     return Path("/tmp") / f"lvllm-{os.getuid()}"
 
 
-def candidate_dirs(environ: Mapping[str, str] | None = None) -> list[Path]:
-    """Directories the monitor looks in: the explicit one alone, else both defaults."""
+def server_metrics_dir(port: int, environ: Mapping[str, str] | None = None) -> Path:
+    """The directory `lvllm serve` gives the plugin of the server on `port`: $LVLLM_METRICS_DIR
+    as set, else `port-<port>` under the default directory, so that two servers on one machine
+    keep their figures apart and `lvllm monitor URL` finds them from the URL alone."""
+    env = os.environ if environ is None else environ
+    if env.get(ENV_DIR):
+        return Path(env[ENV_DIR])
+    return metrics_dir(env) / f"port-{int(port)}"
+
+
+def candidate_dirs(environ: Mapping[str, str] | None = None, port: int | None = None) -> list[Path]:
+    """Directories the monitor looks in: the explicit one alone, else (for a local server on
+    `port`) the per-server directories `lvllm serve` uses, then the defaults themselves (a
+    plugin in a vLLM started without lvllm serve writes there)."""
     env = os.environ if environ is None else environ
     if env.get(ENV_DIR):
         return [Path(env[ENV_DIR])]
-    out = [metrics_dir(env)]
+    bases = [metrics_dir(env)]
     fallback = Path("/tmp") / f"lvllm-{os.getuid()}"
-    if fallback not in out:
-        out.append(fallback)
-    return out
+    if fallback not in bases:
+        bases.append(fallback)
+    per_server = [b / f"port-{int(port)}" for b in bases] if port else []
+    return per_server + bases
+
+
+def remove_dead_workers(directory: Path) -> int:
+    """Delete the files of workers whose process is gone (a server killed hard on this port
+    before): pid-named files of live processes are left alone. The number removed."""
+    removed = 0
+    try:
+        entries = list(Path(directory).glob("lk_moe-*.prom"))
+    except OSError:
+        return 0
+    for path in entries:
+        pid = path.stem.removeprefix("lk_moe-")
+        if not pid.isdigit() or _pid_alive(int(pid)):
+            continue
+        try:
+            path.unlink()
+            removed += 1
+        except OSError:
+            pass
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def prepare_dir(path: Path) -> Path:
