@@ -246,8 +246,9 @@ def test_fixed_gpu_layers_and_smt():
     p = build_plan(pm.desktop(), t, Request(gpu_layers=0))
     assert p.gpu_layers == [] and p.env["LVLLM_GPU_LAYERS"] == ""
     # the demo profile fixes one GPU layer; --gpu-layers auto overrides it
-    assert build_plan(pm.desktop(), resolve("demo")).gpu_layers == [3]
-    assert len(build_plan(pm.desktop(), resolve("demo"), Request(gpu_layers_auto=True)).gpu_layers) == 4
+    demo = resolve("demo")
+    assert build_plan(pm.desktop(), demo).gpu_layers == demo.facts.moe_layers[-1:]
+    assert build_plan(pm.desktop(), demo, Request(gpu_layers_auto=True)).gpu_layers == demo.facts.moe_layers
     p = build_plan(pm.desktop(), t, Request(smt=True))
     assert p.workers[0].cpus == [c for c in range(16) if c not in (0, 8)] and p.workers[0].reserved_cpus == [0, 8]
 

@@ -109,3 +109,21 @@ def test_metrics_dir_of_another_user_is_refused_before_start(tmp_path, fake_vllm
     out = run.finish()
     assert run.proc.returncode == 1 and "CPU-expert figures directory" in out and "LVLLM_METRICS_DIR" in out
     assert not (tmp_path / "record.json").exists()  # vLLM never started
+
+
+def test_serve_demo_writes_the_demo_model_then_serves_it(tmp_path, fake_vllm):
+    """The first `lvllm serve demo`: a real tiny Qwen3-MoE written by tiny_models (torch + transformers),
+    planned from its own config.json."""
+    port = free_port()
+    run = start_lvllm(tmp_path, fake_vllm, ["serve", "demo", "--machine", machine_file(tmp_path, "desktop"), "--port", port])
+    run.read_until("curl ", timeout=120)
+    demo = tmp_path / "home" / "demo-qwen3-moe"
+    cfg = json.loads((demo / "config.json").read_text())
+    assert cfg["model_type"] == "qwen3_moe" and (demo / "model.safetensors").stat().st_size > 0 and (demo / "tokenizer.json").is_file()
+    assert [p.name for p in demo.parent.iterdir() if p.name.startswith(".demo")] == []  # no scratch left
+    rec = json.loads((tmp_path / "record.json").read_text())
+    assert rec["argv"][1] == str(demo)
+    assert rec["env"]["LVLLM_GPU_LAYERS"] == str(cfg["num_hidden_layers"] - 1) and rec["env"]["LVLLM_MOE_CPU"] == "1"
+    run.proc.send_signal(signal.SIGINT)
+    run.finish()
+    assert run.proc.returncode == 0

@@ -209,6 +209,7 @@ def _open_monitor(url: str, supervisor, api_key: str | None, metrics_dir: Path, 
 
 def _generate_demo(generate, model_dir: Path, err) -> None:
     """Write the demo model once, into a temporary sibling that is renamed at the end: never half a model."""
+    import importlib.util
     import shutil
     import tempfile
 
@@ -216,13 +217,24 @@ def _generate_demo(generate, model_dir: Path, err) -> None:
         from lvllm_cli.tiny_models import write_tiny_model
     except ImportError:
         raise fail("this build cannot generate the demo model (lvllm_cli.tiny_models is missing)", EXIT_FAILED) from None
+    missing = [m for m in ("torch", "transformers") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise fail(
+            f"the demo model is written with {' and '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} not "
+            f"installed in this Python ({sys.executable}); they come with vLLM: pip install 'lvllm[vllm]' "
+            f"(or pip install {' '.join(missing)})",
+            EXIT_FAILED,
+        )
     if model_dir.exists():
         raise fail(f"{model_dir} exists but holds no config.json (an interrupted or foreign copy?): remove it and run again", EXIT_FAILED)
     model_dir.parent.mkdir(parents=True, exist_ok=True)
     err.print(f"writing the demo model ({generate.arch}) to {model_dir} ...", markup=False)
     scratch = Path(tempfile.mkdtemp(prefix=f".{model_dir.name}.", dir=model_dir.parent))
     try:
-        written = Path(write_tiny_model(generate.arch, scratch / model_dir.name))
+        try:
+            written = Path(write_tiny_model(generate.arch, scratch / model_dir.name))
+        except RuntimeError as e:  # torch/transformers present but unusable (tiny_models says which)
+            raise fail(f"cannot write the demo model: {e}", EXIT_FAILED) from None
         if not (written / "config.json").is_file():
             raise fail(f"the demo model generator wrote no config.json into {written}", EXIT_FAILED)
         os.replace(written, model_dir)
