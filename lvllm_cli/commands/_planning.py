@@ -113,25 +113,6 @@ def make_plan(arg: str, opts: PlanOptions, extra: list[str] | None = None):
     return target, machine, request, build_plan(machine, target, request)
 
 
-def write_atomically(path: Path, text: str) -> None:
-    """Write a whole file or nothing: a temporary file in the same directory, then rename."""
-    import tempfile
-
-    path = Path(path)
-    directory = path.parent if str(path.parent) else Path(".")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
 def stderr_console():
     from rich.console import Console
 

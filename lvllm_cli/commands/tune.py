@@ -8,7 +8,8 @@ from typing import Optional
 
 import typer
 
-from lvllm_cli.commands._planning import EXIT_FAILED, PlanOptions, fail, make_plan, write_atomically
+from lvllm_cli.atomic import write_atomically
+from lvllm_cli.commands._planning import EXIT_FAILED, PlanOptions, fail, make_plan
 
 ORDER = 30
 

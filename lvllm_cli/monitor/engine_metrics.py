@@ -24,6 +24,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from lvllm_cli.atomic import write_atomically
 from lvllm_cli.monitor import stats
 from lvllm_cli.monitor.metrics import Scrape, parse_exposition
 
@@ -148,21 +149,9 @@ def format_metrics(cpu_tokens: float, gpu_tokens: float, cpu_seconds: float, cal
 
 
 def write_metrics_file(directory: Path, text: str, pid: int | None = None) -> Path:
-    """Atomically replace this worker's file: readers see the old or the new text, never half."""
-    target = file_path(directory, pid)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")  # not *.prom: readers skip it
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0), 0o600)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, target)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    return target
+    """Atomically replace this worker's file: readers see the old or the new text, never half
+    (the temporary file is hidden and not *.prom, so readers skip it)."""
+    return write_atomically(file_path(directory, pid), text, mode=0o600)
 
 
 def remove_metrics_file(directory: Path, pid: int | None = None) -> None:
