@@ -16,6 +16,7 @@ import tarfile
 import tempfile
 
 from lvllm_cli import __version__
+from lvllm_cli.atomic import replacing
 from lvllm_cli.probe import CAPTURE_JSON, collect
 
 CAPTURE_FORMAT = 1
@@ -32,20 +33,10 @@ def write_capture(out_path: str, sysroot: str | None = None, use_nvml: bool = Tr
     files = {p: t for p, t in reader.files.items() if p.startswith(_ALLOWED_PREFIXES)}
     meta = {"format": CAPTURE_FORMAT, "lvllm_version": __version__, **extra}
 
-    out_path = os.path.abspath(out_path)
-    directory = os.path.dirname(out_path)
-    fd, tmp = tempfile.mkstemp(prefix=".lvllm-capture-", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as raw, tarfile.open(fileobj=raw, mode="w:gz") as tar:
-            for path in sorted(files):
-                _add(tar, path.lstrip("/"), files[path].encode("utf-8"))
-            _add(tar, CAPTURE_JSON, json.dumps(meta, indent=1, sort_keys=True).encode("utf-8"))
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out_path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with replacing(os.path.abspath(out_path), mode=0o644, binary=True) as raw, tarfile.open(fileobj=raw, mode="w:gz") as tar:
+        for path in sorted(files):
+            _add(tar, path.lstrip("/"), files[path].encode("utf-8"))
+        _add(tar, CAPTURE_JSON, json.dumps(meta, indent=1, sort_keys=True).encode("utf-8"))
     return len(files)
 
 

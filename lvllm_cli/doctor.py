@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 from lvllm_cli import compat
 from lvllm_cli.isa import KERNEL_VARIANTS, kernel_variant_for_flags, missing_for
 from lvllm_cli.machine import GpuInfo, Machine
-from lvllm_cli.probe.formats import format_cpulist
+from lvllm_cli.ranges import format_cpulist
 from lvllm_cli.pystack import PythonStack, version_key
 
 OK, WARN, FAIL = "ok", "warn", "fail"

@@ -260,7 +260,12 @@ def load_profile_text(text: str, filename: str) -> Profile:
     if "generate" in data:
         g = c.mapping(data["generate"], ("generate",), _GENERATE, required=("arch", "dir"))
         gen_dir = c.text(g["dir"], ("generate", "dir"), r"[A-Za-z0-9._-]+", "a plain directory name")
-        generate = Generate(arch=c.text(g["arch"], ("generate", "arch")), dir=gen_dir)
+        arch = c.text(g["arch"], ("generate", "arch"))
+        from lvllm_cli.tiny_models import TINY  # plain data; torch is only imported to write weights
+
+        if arch not in TINY:
+            c.fail(("generate", "arch"), f"lvllm cannot write a {arch!r} model; it can write: {', '.join(TINY)}")
+        generate = Generate(arch=arch, dir=gen_dir)
     desc = c.text(data["description"], ("description",)) if "description" in data else ""
     facts = _check_facts(c, data.get("facts", {}), ("facts",))
     vllm_args = _check_vllm_args(c, data.get("vllm_args", {}), ("vllm_args",))

@@ -226,8 +226,17 @@ def base_url(host: str, port: int) -> str:
     return f"http://{h}:{port}"
 
 
-def metrics_dir_for(port: int) -> Path:
-    return lvllm_home() / "metrics" / str(port)
+def server_log_path(port: int) -> Path:
+    """Where `lvllm serve` keeps the log of the server on `port` (the dashboard's log pane reads it)."""
+    return lvllm_home() / "logs" / f"server-{port}.log"
+
+
+def metrics_dir_for(port: int, environ: dict[str, str] | None = None) -> Path:
+    """Where the plugin of the server on `port` publishes the CPU-expert figures and the monitor
+    reads them (one rule for both sides: lvllm_cli.monitor.engine_metrics)."""
+    from lvllm_cli.monitor.engine_metrics import server_metrics_dir
+
+    return server_metrics_dir(port, environ)
 
 
 def build_command(
@@ -248,14 +257,14 @@ def build_command(
     ours = [*plan_vllm_args, "--host", host, "--port", str(port)]
     argv = [python or sys.executable, "-m", VLLM_MODULE, "serve", plan_model, *merge_args(ours, extra)]
     env = dict(plan_env)
-    metrics = metrics_dir_for(port)
+    inherited = os.environ if inherited_env is None else inherited_env
+    metrics = metrics_dir_for(port, inherited)
     env["LVLLM_METRICS_DIR"] = str(metrics)
     secret: set[str] = set()
     if api_key:
         # The environment, unlike argv, is not readable by other users (/proc/PID/environ is private).
         env["VLLM_API_KEY"] = api_key
         secret.add("VLLM_API_KEY")
-    inherited = os.environ if inherited_env is None else inherited_env
     plugins = inherited.get("VLLM_PLUGINS")
     if plugins is not None and "lvllm_moe" not in [p.strip() for p in plugins.split(",")]:
         # The user filters vLLM plugins: keep theirs and add ours, or the CPU experts never load.

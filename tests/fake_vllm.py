@@ -10,6 +10,10 @@ FAKE_CRASH_AFTER    exit with code 3 this many seconds after start      (unset: 
 FAKE_IGNORE_TERM    "1": ignore SIGTERM and SIGINT (tests the SIGKILL escalation)
 FAKE_GRANDCHILD     path: spawn a sleeping grandchild and write its pid there
 FAKE_RECORD         path: write {"argv": ..., "env": ...} there at start
+
+/metrics publishes a vLLM-like counter (generated tokens, +50 per scrape). With
+LVLLM_METRICS_DIR set it also does what the plugin does in each worker: writes
+lk_moe-<pid>.prom there twice a second (threads = LK_THREADS).
 """
 
 from __future__ import annotations
@@ -50,9 +54,23 @@ def main(argv: list[str]) -> int:
     start = time.monotonic()
     delay = float(os.environ.get("FAKE_HEALTH_DELAY", "0.5"))
 
+    scrapes = [0]
+
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self):  # noqa: N802
             ready = time.monotonic() - start >= delay
+            if ready and self.path == "/metrics":
+                scrapes[0] += 1
+                body = (
+                    "# TYPE vllm:generation_tokens counter\n"
+                    f'vllm:generation_tokens_total{{model_name="fake",engine="0"}} {50.0 * scrapes[0]}\n'
+                ).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "text/plain; version=0.0.4")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+                return
             self.send_response(200 if ready and self.path == "/health" else 503)
             self.end_headers()
 
@@ -67,6 +85,8 @@ def main(argv: list[str]) -> int:
         time.sleep(0.05)
     print(flush=True)
     print(f"INFO fake vllm: serving on http://{host}:{port}", flush=True)
+    if os.environ.get("LVLLM_METRICS_DIR"):
+        threading.Thread(target=publish_engine_figures, daemon=True).start()
     crash = os.environ.get("FAKE_CRASH_AFTER")
     try:
         while True:
@@ -77,6 +97,18 @@ def main(argv: list[str]) -> int:
     except KeyboardInterrupt:
         print("INFO fake vllm: shutting down", flush=True)
         return 0
+
+
+def publish_engine_figures() -> None:
+    from lvllm_cli.monitor import engine_metrics as em
+
+    directory = em.prepare_dir(em.metrics_dir())
+    threads = float(os.environ.get("LK_THREADS") or 1)
+    calls = 0
+    while True:
+        calls += 10
+        em.write_metrics_file(directory, em.format_metrics(calls * 4, calls, calls * 0.001, calls, threads))
+        time.sleep(0.5)
 
 
 def _on_term(signum, frame):

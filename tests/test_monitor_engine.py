@@ -26,6 +26,29 @@ def test_metrics_dir_rule():
     assert em.metrics_dir({}) == Path(f"/tmp/lvllm-{uid}")
     assert em.candidate_dirs({"LVLLM_METRICS_DIR": "/x"}) == [Path("/x")]
     assert em.candidate_dirs({"XDG_RUNTIME_DIR": "/run/user/1"}) == [Path("/run/user/1/lvllm"), Path(f"/tmp/lvllm-{uid}")]
+    # a local server on a port: the directory `lvllm serve` gives its plugin comes first
+    assert em.candidate_dirs({"XDG_RUNTIME_DIR": "/run/user/1"}, port=8001) == [
+        Path("/run/user/1/lvllm/port-8001"), Path(f"/tmp/lvllm-{uid}/port-8001"), Path("/run/user/1/lvllm"), Path(f"/tmp/lvllm-{uid}")]
+    assert em.candidate_dirs({"LVLLM_METRICS_DIR": "/x"}, port=8001) == [Path("/x")]
+    assert em.server_metrics_dir(8001, {"XDG_RUNTIME_DIR": "/run/user/1"}) == Path("/run/user/1/lvllm/port-8001")
+    assert em.server_metrics_dir(8001, {"LVLLM_METRICS_DIR": "/x"}) == Path("/x")
+    for port in (8001, 9000):  # serve's directory is where the monitor looks first for that URL
+        env = {"XDG_RUNTIME_DIR": "/run/user/1"}
+        assert em.candidate_dirs(env, port=port)[0] == em.server_metrics_dir(port, env)
+
+
+def test_remove_dead_workers_keeps_live_ones(tmp_path):
+    import subprocess
+    import sys
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    for pid in (os.getpid(), dead.pid):
+        em.write_metrics_file(tmp_path, em.format_metrics(1, 1, 1, 1, 1), pid=pid)
+    (tmp_path / "notes.prom").write_text("x 1\n")
+    assert em.remove_dead_workers(tmp_path) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([f"lk_moe-{os.getpid()}.prom", "notes.prom"])
+    assert em.remove_dead_workers(tmp_path / "missing") == 0
 
 
 def test_prepare_dir_is_private_and_refuses_symlinks(tmp_path):

@@ -14,23 +14,6 @@ import pytest
 from lvllm_cli.monitor import system
 
 
-@pytest.mark.parametrize("text,expected", [
-    ("0-3,8-11\n", [0, 1, 2, 3, 8, 9, 10, 11]),
-    ("5", [5]),
-    ("", []),
-    ("0-7:2", [0, 2, 4, 6]),
-    ("3,1-2", [1, 2, 3]),
-])
-def test_parse_cpulist(text, expected):
-    assert system.parse_cpulist(text) == expected
-
-
-@pytest.mark.parametrize("bad", ["a", "3-1", "1-", "0-4:0"])
-def test_parse_cpulist_rejects(bad):
-    with pytest.raises(ValueError):
-        system.parse_cpulist(bad)
-
-
 def _fixture_tree(root, nodes: dict[int, list[int]], mem: dict[int, tuple[int, int]]):
     for n, cpus in nodes.items():
         d = root / f"sys/devices/system/node/node{n}"
@@ -81,6 +64,14 @@ def test_node_utilisation_from_generated_trees(tmp_path):
         total = busy + sum(deltas[c][3] + deltas[c][4] for c in ids if c in deltas)
         assert got[n] == pytest.approx(busy / total)
     assert system.node_utilisation(cur, cur, nodes) == {0: None, 1: None}
+
+
+def test_unreadable_node_files_are_left_out(tmp_path):
+    _fixture_tree(tmp_path, {0: [0, 1], 1: [2, 3]}, {0: (1 << 20, 1 << 19), 1: (1 << 20, 1 << 18)})
+    (tmp_path / "sys/devices/system/node/node1/cpulist").write_text("2-x\n")
+    (tmp_path / "sys/devices/system/node/node0/meminfo").write_text("garbage\n")
+    assert system.numa_cpus(tmp_path) == {0: [0, 1]}
+    assert system.node_meminfo(tmp_path) == {1: ((1 << 20) * 1024, (1 << 18) * 1024)}
 
 
 def test_no_numa_info_means_one_node(tmp_path):

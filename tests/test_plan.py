@@ -3,7 +3,9 @@
 The reference below is written from docs/readme/tune.md, not from plan.py:
 per-layer parameter counts from the architectures, the GPU budget formula,
 the closed-form context cut, the RAM formula.  CPU sets are spelled out by
-hand for each machine.
+hand for each machine.  The machines are the doctor's generated /proc and /sys
+trees as the probe reads them (plan_machines.py; test_plan_machines.py checks
+them against the same machines stated by hand).
 """
 
 import math
@@ -210,7 +212,7 @@ def test_the_interesting_verdicts():
     assert build_plan(pm.xeon_snc(), resolve("glm-4.5-air")).fits
     assert not build_plan(pm.avx2_vm(), resolve("qwen3-coder-30b")).fits
     assert build_plan(pm.avx2_vm(), resolve("demo")).fits
-    # all 128 x 48 experts of Qwen3-Coder fit in the 2 x 96 GiB of the EPYC box: plain vLLM
+    # all 128 x 48 experts of Qwen3-Coder (54 GiB) fit in the 2 x 48 GiB GPUs of the EPYC box: plain vLLM
     p = build_plan(pm.epyc_nps4(), resolve("qwen3-coder-30b"))
     assert p.cpu_layers == [] and p.env["LVLLM_MOE_CPU"] == "0"
 
@@ -246,8 +248,9 @@ def test_fixed_gpu_layers_and_smt():
     p = build_plan(pm.desktop(), t, Request(gpu_layers=0))
     assert p.gpu_layers == [] and p.env["LVLLM_GPU_LAYERS"] == ""
     # the demo profile fixes one GPU layer; --gpu-layers auto overrides it
-    assert build_plan(pm.desktop(), resolve("demo")).gpu_layers == [3]
-    assert len(build_plan(pm.desktop(), resolve("demo"), Request(gpu_layers_auto=True)).gpu_layers) == 4
+    demo = resolve("demo")
+    assert build_plan(pm.desktop(), demo).gpu_layers == demo.facts.moe_layers[-1:]
+    assert build_plan(pm.desktop(), demo, Request(gpu_layers_auto=True)).gpu_layers == demo.facts.moe_layers
     p = build_plan(pm.desktop(), t, Request(smt=True))
     assert p.workers[0].cpus == [c for c in range(16) if c not in (0, 8)] and p.workers[0].reserved_cpus == [0, 8]
 

@@ -19,7 +19,8 @@ TARGETS = ["demo", "qwen3-coder-30b", "qwen3-next", "qwen3-next:fp8", "qwen3-nex
 def isolated(tmp_path, monkeypatch):
     monkeypatch.setenv("LVLLM_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
-    for var in ("VLLM_PLUGINS", "CUDA_VISIBLE_DEVICES", "LVLLM_API_KEY"):
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "run"))
+    for var in ("VLLM_PLUGINS", "CUDA_VISIBLE_DEVICES", "LVLLM_API_KEY", "LVLLM_METRICS_DIR"):
         monkeypatch.delenv(var, raising=False)
 
 
@@ -39,7 +40,7 @@ def test_dry_run_argv_and_env(tmp_path, machine_name, target_name):
     assert r.exit_code == 0, r.output
     out = json.loads(r.stdout)
     assert out["argv"] == [sys.executable, "-m", VLLM_MODULE, "serve", plan.model, *plan.vllm_args, "--host", "127.0.0.1", "--port", "8000"]
-    metrics = os.path.join(os.environ["LVLLM_HOME"], "metrics", "8000")
+    metrics = os.path.join(os.environ["XDG_RUNTIME_DIR"], "lvllm", "port-8000")
     assert out["env"] == {**plan.env, "LVLLM_METRICS_DIR": metrics}
     assert out["url"] == "http://127.0.0.1:8000" and out["model_name"] == plan.model
     assert out["plan"]["tp"] == plan.tp and out["plan"]["gpu_layers"] == plan.gpu_layers
@@ -207,7 +208,7 @@ def test_vllm_not_installed_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
     write_model_config(tmp_path / "home" / "demo-qwen3-moe")
     r = run_cli("serve", "demo", "--machine", machine_file(tmp_path, "desktop"))
-    assert r.exit_code == 1 and "vLLM is not installed" in r.stderr and "pip install" in r.stderr
+    assert r.exit_code == 1 and "vLLM is not installed" in r.stderr and "pip install 'lvllm[vllm]'" in r.stderr
 
 
 def test_option_helpers():
@@ -218,11 +219,3 @@ def test_option_helpers():
     ov = read_overrides(["--max-model-len", "32K", "--kv-cache-dtype", "fp8_e4m3", "--gpu-memory-utilization", "0.5", "--served-model-name", "x"])
     assert ov.max_model_len == 32768 and ov.kv_cache_dtype_bytes == 1 and ov.gpu_memory_utilization == 0.5 and ov.served_model_name == "x"
     assert read_overrides(["--max-model-len", "auto"]).max_model_len is None
-
-
-def test_monitor_missing_is_reported_before_anything_starts(tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "lvllm_cli.monitor", None)  # as if the monitor package were absent
-    write_model_config(tmp_path / "home" / "demo-qwen3-moe")
-    r = run_cli("serve", "demo", "--machine", machine_file(tmp_path, "desktop"), "--monitor")
-    assert r.exit_code == 1 and "--monitor: this build has no monitor" in r.stderr
-    assert not (tmp_path / "home" / "metrics").exists()  # nothing was started or written

@@ -6,105 +6,13 @@ environment it was started with, so these tests see exactly what vLLM would.
 
 import json
 import os
-import queue
-import shutil
 import signal
-import socket
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
-import pytest
 from cli_helpers import machine_file, write_model_config
-
-HERE = Path(__file__).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def fake_vllm(tmp_path) -> Path:
-    root = tmp_path / "pkgs"
-    cli = root / "vllm" / "entrypoints" / "cli"
-    cli.mkdir(parents=True)
-    for d in (root / "vllm", root / "vllm" / "entrypoints", cli):
-        (d / "__init__.py").write_text("")
-    shutil.copy(HERE / "fake_vllm.py", cli / "main.py")
-    meta = root / "vllm-0.26.0.dist-info"
-    meta.mkdir()
-    (meta / "METADATA").write_text("Metadata-Version: 2.1\nName: vllm\nVersion: 0.26.0\n")
-    return root
-
-
-class Lvllm:
-    """`python -m lvllm_cli ...` in a subprocess, its merged output read by a thread (no blocking readline)."""
-
-    def __init__(self, proc: subprocess.Popen):
-        self.proc = proc
-        self.lines: queue.Queue = queue.Queue()
-        self.seen: list[str] = []
-        threading.Thread(target=self._pump, daemon=True).start()
-
-    def _pump(self):
-        for line in self.proc.stdout:
-            self.lines.put(line)
-        self.lines.put(None)
-
-    def read_until(self, needle: str, timeout: float = 60) -> str:
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            try:
-                line = self.lines.get(timeout=0.2)
-            except queue.Empty:
-                continue
-            if line is None:
-                break
-            self.seen.append(line)
-            if needle in line:
-                return line
-        self.proc.kill()
-        raise AssertionError(f"{needle!r} never appeared; output:\n{''.join(self.seen)}")
-
-    def finish(self, timeout: float = 60) -> str:
-        self.proc.wait(timeout=timeout)
-        while True:
-            line = self.lines.get(timeout=10)
-            if line is None:
-                return "".join(self.seen)
-            self.seen.append(line)
-
-
-def start_lvllm(tmp_path, fake_vllm, args, **env_extra) -> Lvllm:
-    env = dict(os.environ)
-    env.update(
-        PYTHONPATH=str(fake_vllm),
-        LVLLM_HOME=str(tmp_path / "home"),
-        HF_HUB_CACHE=str(tmp_path / "hf"),
-        FAKE_RECORD=str(tmp_path / "record.json"),
-        FAKE_HEALTH_DELAY="0.8",
-        COLUMNS="200",
-    )
-    for var in ("VLLM_PLUGINS", "CUDA_VISIBLE_DEVICES", "LVLLM_API_KEY"):
-        env.pop(var, None)
-    env.update({k: str(v) for k, v in env_extra.items()})
-    # cwd outside the repo: `-m lvllm_cli` must import the installed package
-    proc = subprocess.Popen([sys.executable, "-m", "lvllm_cli", *map(str, args)], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    return Lvllm(proc)
-
-
-def alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().split(")")[-1].split()[0] != "Z"
+from serve_helpers import alive, fake_vllm, free_port, start_lvllm  # noqa: F401 (fake_vllm is a fixture)
 
 
 def test_serve_model_dir_end_to_end(tmp_path, fake_vllm):
@@ -120,13 +28,16 @@ def test_serve_model_dir_end_to_end(tmp_path, fake_vllm):
     assert argv[argv.index("--port") + 1] == str(port) and argv[argv.index("--host") + 1] == "127.0.0.1"
     assert "k3y" not in argv and env["VLLM_API_KEY"] == "k3y"
     assert env["LVLLM_MOE_CPU"] == "1" and env["LVLLM_GPU_LAYERS"] == "6-7" and env["LK_CPUS"] == "1-7" and env["LK_THREADS"] == "7" and env["OMP_NUM_THREADS"] == "1"
-    assert env["LVLLM_METRICS_DIR"] == str(tmp_path / "home" / "metrics" / str(port))
-    assert Path(env["LVLLM_METRICS_DIR"]).is_dir()
+    metrics = tmp_path / "run" / "lvllm" / f"port-{port}"  # $XDG_RUNTIME_DIR/lvllm/port-<port>
+    assert env["LVLLM_METRICS_DIR"] == str(metrics)
+    assert metrics.is_dir() and (metrics.stat().st_mode & 0o777) == 0o700
     assert rec["pgid"] == rec["pid"]  # its own process group
     run.proc.send_signal(signal.SIGINT)
     rest = run.finish()
     assert run.proc.returncode == 0, rest
     assert "lvllm: stopped" in rest and not alive(rec["pid"])
+    log = tmp_path / "home" / "logs" / f"server-{port}.log"  # everything vLLM printed, kept after it exits
+    assert f"log: {log}" in "".join(run.seen) and "fake vllm: serving on" in log.read_text() and "shutting down" in log.read_text()
 
 
 def test_serve_demo_with_pregenerated_model(tmp_path, fake_vllm):
@@ -156,6 +67,63 @@ def test_unsupported_vllm_version_warns(tmp_path, fake_vllm):
     run = start_lvllm(tmp_path, fake_vllm, ["serve", model, "--machine", machine_file(tmp_path, "desktop"), "--port", free_port()])
     run.read_until("curl ")
     assert "vLLM 0.40.1 is outside the supported range >=0.26,<0.34" in "".join(run.seen)
+    run.proc.send_signal(signal.SIGINT)
+    run.finish()
+    assert run.proc.returncode == 0
+
+
+def test_lvllm_monitor_finds_the_engine_figures_of_a_served_model(tmp_path, fake_vllm):
+    """serve gives the plugin a directory the monitor finds from the URL alone; stale files of a
+    dead server on the same port are cleared at start."""
+    model = write_model_config(tmp_path / "m", num_hidden_layers=8)
+    port = free_port()
+    metrics = tmp_path / "run" / "lvllm" / f"port-{port}"
+    metrics.mkdir(parents=True)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (metrics / f"lk_moe-{dead.pid}.prom").write_text("lvllm_moe_threads 99\n")
+    run = start_lvllm(tmp_path, fake_vllm, ["serve", model, "--machine", machine_file(tmp_path, "desktop"), "--port", port])
+    run.read_until("curl ")
+    env = {**os.environ, "XDG_RUNTIME_DIR": str(tmp_path / "run")}
+    env.pop("LVLLM_METRICS_DIR", None)
+    try:
+        mon = subprocess.run([sys.executable, "-m", "lvllm_cli", "monitor", "--once", "--json", "--interval", "1.2", f"http://127.0.0.1:{port}"],
+                             capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60)
+    finally:
+        run.proc.send_signal(signal.SIGINT)
+        run.finish()
+    assert mon.returncode == 0, mon.stderr
+    snap = json.loads(mon.stdout)
+    assert snap["moe"] is not None, snap["moe_note"]
+    assert snap["moe"]["workers"] == 1 and snap["moe"]["threads"] == 7  # LK_THREADS of the desktop plan, not the dead 99
+    assert snap["moe"]["calls_per_s"] > 0 and snap["generation_tokens_per_s"] > 0
+    assert not (metrics / f"lk_moe-{dead.pid}.prom").exists()
+
+
+def test_metrics_dir_of_another_user_is_refused_before_start(tmp_path, fake_vllm):
+    model = write_model_config(tmp_path / "m")
+    port = free_port()
+    (tmp_path / "run" / "lvllm").mkdir(parents=True)
+    (tmp_path / "run" / "lvllm" / f"port-{port}").symlink_to(tmp_path)  # not a plain directory of ours
+    run = start_lvllm(tmp_path, fake_vllm, ["serve", model, "--machine", machine_file(tmp_path, "desktop"), "--port", port])
+    out = run.finish()
+    assert run.proc.returncode == 1 and "CPU-expert figures directory" in out and "LVLLM_METRICS_DIR" in out
+    assert not (tmp_path / "record.json").exists()  # vLLM never started
+
+
+def test_serve_demo_writes_the_demo_model_then_serves_it(tmp_path, fake_vllm):
+    """The first `lvllm serve demo`: a real tiny Qwen3-MoE written by tiny_models (torch + transformers),
+    planned from its own config.json."""
+    port = free_port()
+    run = start_lvllm(tmp_path, fake_vllm, ["serve", "demo", "--machine", machine_file(tmp_path, "desktop"), "--port", port])
+    run.read_until("curl ", timeout=120)
+    demo = tmp_path / "home" / "demo-qwen3-moe"
+    cfg = json.loads((demo / "config.json").read_text())
+    assert cfg["model_type"] == "qwen3_moe" and (demo / "model.safetensors").stat().st_size > 0 and (demo / "tokenizer.json").is_file()
+    assert [p.name for p in demo.parent.iterdir() if p.name.startswith(".demo")] == []  # no scratch left
+    rec = json.loads((tmp_path / "record.json").read_text())
+    assert rec["argv"][1] == str(demo)
+    assert rec["env"]["LVLLM_GPU_LAYERS"] == str(cfg["num_hidden_layers"] - 1) and rec["env"]["LVLLM_MOE_CPU"] == "1"
     run.proc.send_signal(signal.SIGINT)
     run.finish()
     assert run.proc.returncode == 0

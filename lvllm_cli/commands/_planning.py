@@ -21,8 +21,10 @@ EXIT_FAILED = 1
 def fail(message: str, code: int = EXIT_BAD_INPUT) -> typer.Exit:
     """Print `error: message` on stderr and return the Exit to raise."""
     from rich.console import Console
+    from rich.markup import escape
 
-    Console(stderr=True, highlight=False).print(f"[red bold]error:[/] {message}", markup=True, soft_wrap=True)
+    # escape: messages quote user input and shell text such as `pip install 'lvllm[vllm]'`
+    Console(stderr=True, highlight=False).print(f"[red bold]error:[/] {escape(message)}", markup=True, soft_wrap=True)
     return typer.Exit(code)
 
 
@@ -109,25 +111,6 @@ def make_plan(arg: str, opts: PlanOptions, extra: list[str] | None = None):
     request = build_request(opts, extra)
     machine = get_machine(opts.machine_file)
     return target, machine, request, build_plan(machine, target, request)
-
-
-def write_atomically(path: Path, text: str) -> None:
-    """Write a whole file or nothing: a temporary file in the same directory, then rename."""
-    import tempfile
-
-    path = Path(path)
-    directory = path.parent if str(path.parent) else Path(".")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
 
 
 def stderr_console():

@@ -44,7 +44,9 @@ def moe(
                 passes=passes, with_torch=not no_torch, progress=lambda s: (status.update(s), err.log(s)),
             )
     except (ValueError, MemoryError, EngineUnavailable) as exc:
-        err.print(f"[red]error:[/red] {exc}")
+        from rich.markup import escape
+
+        err.print(f"[red]error:[/red] {escape(str(exc))}")
         raise typer.Exit(2)
     if as_json:
         typer.echo(json.dumps({"bandwidth_gbps": round(bandwidth, 1), "rows": rows_as_dicts(rows)}, indent=2))

@@ -36,8 +36,9 @@ def monitor(
     model: Optional[str] = typer.Option(None, "--model", help="Only this model_name label value (default: sum of all)."),
     engine: Optional[str] = typer.Option(None, "--engine", help="Only this engine label value (default: sum of all)."),
     window: float = typer.Option(30.0, "--window", metavar="S", help="Dashboard: latency percentiles over the last S seconds."),
-    metrics_dir: Optional[Path] = typer.Option(None, "--metrics-dir", help="Where the CPU-expert engine writes its figures "
-                                               "(default $LVLLM_METRICS_DIR, $XDG_RUNTIME_DIR/lvllm or /tmp/lvllm-<uid>).",
+    metrics_dir: Optional[Path] = typer.Option(None, "--metrics-dir", help="Where the CPU-expert engine writes its figures (default: $LVLLM_METRICS_DIR, else "
+                                               "what `lvllm serve` uses for the URL's port, $XDG_RUNTIME_DIR/lvllm/port-<port> or "
+                                               "/tmp/lvllm-<uid>/port-<port>, else those directories themselves).",
                                                show_default=False),
     timeout: float = typer.Option(2.0, "--timeout", metavar="S", help="HTTP timeout per scrape."),
 ) -> None:

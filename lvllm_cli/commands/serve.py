@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 
 from lvllm_cli.commands._planning import (
     EXIT_FAILED,
@@ -59,8 +60,9 @@ def serve(
         target = None
     if as_json and not dry_run:
         raise fail("--json only goes with --dry-run")
-    if monitor and not dry_run:
-        _check_monitor_available()
+    if monitor and not dry_run and not (sys.stdin.isatty() and sys.stdout.isatty()):
+        raise fail("--monitor needs a terminal (the dashboard takes it over); without one, serve without --monitor "
+                   "and watch with `lvllm monitor --once --json`")
     if plan_file is not None:
         if target is not None:
             raise fail("give either NAME|DIR or --plan FILE, not both")
@@ -103,10 +105,10 @@ def serve(
         raise fail("no NVIDIA GPU found: lvllm serve needs one (`lvllm tune` still shows the plan; `lvllm doctor` checks the driver)", EXIT_FAILED)
     if not fits:
         for p in problems:
-            err.print(f"[red bold]problem:[/] {p}")
+            err.print(f"[red bold]problem:[/] {escape(p)}")
         if not force:
             for s in plan_dict.get("suggestions", []):
-                err.print(f"[green bold]suggestion:[/] {s}")
+                err.print(f"[green bold]suggestion:[/] {escape(s)}")
             raise fail("the plan does not fit this machine (`lvllm tune` explains it; --force starts anyway)", EXIT_FAILED)
         err.print("[yellow]--force: starting anyway[/]")
 
@@ -124,7 +126,7 @@ def serve(
         if not vllm.installed:
             err.print("[yellow]note:[/] vLLM is not installed here; the command below would fail")
         if needs_generate:
-            err.print(f"[yellow]note:[/] the demo model is not generated yet; `lvllm serve` writes it to {model} first")
+            err.print(f"[yellow]note:[/] the demo model is not generated yet; `lvllm serve` writes it to {escape(model)} first")
         if as_json:
             typer.echo(json.dumps({**cmd.to_dict(), "plan": plan_dict}, indent=2))
         else:
@@ -139,13 +141,13 @@ def serve(
         raise fail(f"vLLM is not installed in this Python ({sys.executable}): pip install 'lvllm[vllm]'", EXIT_FAILED)
     if vllm.version and not vllm_supported(vllm.version):
         err.print(f"[yellow bold]warning:[/] vLLM {vllm.version} is outside the supported range {supported_range_text()}: the plugin may not load")
-    _fresh_metrics_dir(Path(cmd.metrics_dir))
+    _prepare_metrics_dir(Path(cmd.metrics_dir))
 
-    from lvllm_cli.serve import base_url, curl_example
+    from lvllm_cli.serve import base_url, curl_example, server_log_path
     from lvllm_cli.supervise import Supervisor
 
     url = base_url(cmd.host, cmd.port)
-    err.print(f"[bold]lvllm serve[/] {model}")
+    err.print(f"[bold]lvllm serve[/] {escape(model)}")
     err.print(cmd.shell(), markup=False)
     echo_stream = sys.stderr.buffer
 
@@ -153,58 +155,53 @@ def serve(
         echo_stream.write(chunk)
         echo_stream.flush()
 
-    sup = Supervisor(cmd.argv, {**os.environ, **cmd.env}, f"{url}/health", echo=echo)
+    sup = Supervisor(cmd.argv, {**os.environ, **cmd.env}, f"{url}/health", echo=echo, log_path=server_log_path(cmd.port), grace=grace)
 
     def on_ready(s: Supervisor) -> None:
-        err.print(f"[green bold]ready:[/] {url}/v1  (OpenAI-compatible; model name {cmd.model_name!r})")
+        err.print(f"[green bold]ready:[/] {url}/v1  (OpenAI-compatible; model name {escape(repr(cmd.model_name))})")
         from_env = api_key is not None and os.environ.get("LVLLM_API_KEY") == api_key
         err.print("try it:", highlight=False)
         typer.echo(curl_example(cmd, from_env))
         if monitor:
-            s.echo = None  # the monitor owns the terminal from here
-            _open_monitor(url, s)
+            from lvllm_cli.monitor.app import SERVER_KEPT
+
+            s.echo = None  # the dashboard owns the terminal now; it shows the log file instead
+            if _open_monitor(url, s, api_key, Path(cmd.metrics_dir), err) == SERVER_KEPT:
+                err.print(f"[bold]lvllm:[/] the server keeps running (pid {s.pid}); its log follows. Ctrl-C stops it.")
+                s.echo = echo
 
     code = sup.run(
         ready_timeout=ready_timeout,
         grace=grace,
-        say=lambda m: err.print(f"[bold]lvllm:[/] {m}", highlight=False, markup=True),
+        say=lambda m: err.print(f"[bold]lvllm:[/] {escape(m)}", highlight=False, markup=True),
         on_ready=on_ready,
     )
     raise typer.Exit(code)
 
 
-# ---- monitor hook (LEAD: wire lvllm_cli.monitor.app here) ------------------------------------
+# ---- the dashboard ------------------------------------------------------------------------------
 
 
-def _check_monitor_available() -> None:
-    import importlib.util
+def _open_monitor(url: str, supervisor, api_key: str | None, metrics_dir: Path, err) -> str:
+    """The dashboard on the server `supervisor` runs, until the user quits it.
 
-    try:
-        present = importlib.util.find_spec("lvllm_cli.monitor.app") is not None
-    except (ImportError, ValueError, AttributeError):  # parent package missing or blocked
-        present = False
-    if not present:
-        raise fail("--monitor: this build has no monitor (lvllm_cli.monitor.app); serve without --monitor", EXIT_FAILED)
-
-
-def _open_monitor(url: str, supervisor) -> None:
-    """Run the Textual monitor against the ready server; returns when the user closes it.
-
-    LEAD: the monitor issue defines the entry point; until it is wired this
-    calls `lvllm_cli.monitor.app.run(url=..., supervisor=...)` if it exists.
-    The supervisor gives the monitor `lines()` (last log lines), `pid` and
-    `stop()`.  The server keeps running after the monitor closes, until Ctrl-C.
+    Returns the monitor's answer: "server-stopped" (the user had it stopped),
+    "server-kept" (leave it running: the supervisor goes on), "server-exited".
+    A signal that stops lvllm (Ctrl-C from another terminal, SIGTERM) closes the
+    dashboard too. A dashboard that fails never takes the server down.
     """
+    from lvllm_cli.monitor.app import SERVER_EXITED, SERVER_KEPT, run_attached
+
+    def connect(app) -> None:
+        supervisor.on_stop_request = app.request_exit
+
     try:
-        from lvllm_cli.monitor import app as monitor_app
-    except ImportError as e:
-        stderr_console().print(f"[yellow]--monitor unavailable:[/] {e}; the server keeps running")
-        return
-    run = getattr(monitor_app, "run", None)
-    if run is None:
-        stderr_console().print("[yellow]--monitor unavailable:[/] lvllm_cli.monitor.app has no run(); the server keeps running")
-        return
-    run(url=url, supervisor=supervisor)
+        return run_attached(url, supervisor, api_key=api_key, metrics_dirs=[metrics_dir], on_app=connect)
+    except Exception as e:  # noqa: BLE001 - whatever broke the dashboard, the server stays supervised
+        err.print(f"[yellow]the monitor failed:[/] {type(e).__name__}: {escape(str(e))}", markup=True)
+        return SERVER_KEPT if supervisor.is_running() else SERVER_EXITED
+    finally:
+        supervisor.on_stop_request = None
 
 
 # ---- files serve writes ---------------------------------------------------------------------------
@@ -212,6 +209,7 @@ def _open_monitor(url: str, supervisor) -> None:
 
 def _generate_demo(generate, model_dir: Path, err) -> None:
     """Write the demo model once, into a temporary sibling that is renamed at the end: never half a model."""
+    import importlib.util
     import shutil
     import tempfile
 
@@ -219,13 +217,24 @@ def _generate_demo(generate, model_dir: Path, err) -> None:
         from lvllm_cli.tiny_models import write_tiny_model
     except ImportError:
         raise fail("this build cannot generate the demo model (lvllm_cli.tiny_models is missing)", EXIT_FAILED) from None
+    missing = [m for m in ("torch", "transformers") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise fail(
+            f"the demo model is written with {' and '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} not "
+            f"installed in this Python ({sys.executable}); they come with vLLM: pip install 'lvllm[vllm]' "
+            f"(or pip install {' '.join(missing)})",
+            EXIT_FAILED,
+        )
     if model_dir.exists():
         raise fail(f"{model_dir} exists but holds no config.json (an interrupted or foreign copy?): remove it and run again", EXIT_FAILED)
     model_dir.parent.mkdir(parents=True, exist_ok=True)
-    err.print(f"writing the demo model ({generate.arch}) to {model_dir} ...")
+    err.print(f"writing the demo model ({generate.arch}) to {model_dir} ...", markup=False)
     scratch = Path(tempfile.mkdtemp(prefix=f".{model_dir.name}.", dir=model_dir.parent))
     try:
-        written = Path(write_tiny_model(generate.arch, scratch / model_dir.name))
+        try:
+            written = Path(write_tiny_model(generate.arch, scratch / model_dir.name))
+        except RuntimeError as e:  # torch/transformers present but unusable (tiny_models says which)
+            raise fail(f"cannot write the demo model: {e}", EXIT_FAILED) from None
         if not (written / "config.json").is_file():
             raise fail(f"the demo model generator wrote no config.json into {written}", EXIT_FAILED)
         os.replace(written, model_dir)
@@ -233,14 +242,17 @@ def _generate_demo(generate, model_dir: Path, err) -> None:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _fresh_metrics_dir(path: Path) -> None:
-    """The plugin's per-process Prometheus files: start each server with an empty directory of its own."""
-    path.mkdir(parents=True, exist_ok=True)
-    for f in path.glob("*.db"):
-        try:
-            f.unlink()
-        except OSError:
-            pass
+def _prepare_metrics_dir(path: Path) -> None:
+    """The plugin's per-worker figure files go here: a directory of ours (0700), without the
+    files of workers of an earlier server that are gone. A directory we may not use would make
+    every worker fail, so it is an error before anything starts."""
+    from lvllm_cli.monitor.engine_metrics import prepare_dir, remove_dead_workers
+
+    try:
+        prepare_dir(path)
+    except OSError as e:
+        raise fail(f"CPU-expert figures directory: {e}", EXIT_FAILED) from None
+    remove_dead_workers(path)
 
 
 def register(app: typer.Typer) -> None:

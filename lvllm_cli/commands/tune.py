@@ -8,7 +8,8 @@ from typing import Optional
 
 import typer
 
-from lvllm_cli.commands._planning import EXIT_FAILED, PlanOptions, fail, make_plan, write_atomically
+from lvllm_cli.atomic import write_atomically
+from lvllm_cli.commands._planning import EXIT_FAILED, PlanOptions, fail, make_plan
 
 ORDER = 30
 
@@ -59,6 +60,8 @@ def tune(
 
 
 def _measure(plan, target, machine, seconds, err):
+    from rich.markup import escape
+
     from lvllm_cli import measure as m
 
     bench = m.load_bench()
@@ -70,7 +73,7 @@ def _measure(plan, target, machine, seconds, err):
     try:
         return m.measure_threads(plan, target.facts, node_of, bench, seconds=seconds, report=lambda s: err.print("  " + s, markup=False))
     except Exception as e:  # the engine's own errors: report, keep the unmeasured plan
-        err.print(f"[yellow]--measure failed:[/] {type(e).__name__}: {e}; the plan keeps its thread rule", markup=True)
+        err.print(f"[yellow]--measure failed:[/] {type(e).__name__}: {escape(str(e))}; the plan keeps its thread rule", markup=True)
         return plan
 
 

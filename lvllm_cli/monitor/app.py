@@ -1,13 +1,14 @@
 """The live dashboard (Textual). Thin: the Poller computes, view.py formats, this lays out.
 
 Standalone:      MonitorApp(url).run()
-From serve:      run_attached(url, proc, log_path)  (see docs/notes/monitor.md)
+From serve:      run_attached(url, supervisor)  (or a Popen + its log path; see docs/notes/monitor.md)
                  → SERVER_STOPPED, SERVER_KEPT or SERVER_EXITED
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 from rich.text import Text
 from textual.app import App, ComposeResult
@@ -98,13 +99,14 @@ class MonitorApp(App[str]):
         latency_window_s: float = 30.0,
         server: ServerHandle | None = None,
         poller: Poller | None = None,
+        metrics_dirs: list | None = None,
     ) -> None:
         super().__init__()
         self.interval = interval
         self.server = server
         self.poller = poller or Poller(
             url or "", api_key=api_key, filters=filters, latency_window_s=latency_window_s,
-            server_pid=server.pid if server is not None else None,
+            server_pid=server.pid if server is not None else None, metrics_dirs=metrics_dirs,
         )
         self.frame: Frame | None = None
         self.paused = False
@@ -112,6 +114,8 @@ class MonitorApp(App[str]):
         self._pending_filters: dict[str, str] | None = None
         self._log_tail = LogTail(server.log_path) if server is not None and server.log_path else None
         self._stopping = False
+        self._running_loop: asyncio.AbstractEventLoop | None = None
+        self._exit_pending: str | None = None
 
     # ---------------------------------------------------------------- layout
 
@@ -136,6 +140,10 @@ class MonitorApp(App[str]):
         yield Footer()
 
     def on_mount(self) -> None:
+        self._running_loop = asyncio.get_running_loop()
+        if self._exit_pending is not None:
+            self.exit(self._exit_pending)
+            return
         self._q("#throughput").border_title = "Throughput"
         self._apply_width(self.size.width)
         self.set_interval(self.interval, self.poll_now)
@@ -273,18 +281,46 @@ class MonitorApp(App[str]):
             await asyncio.to_thread(self.server.stop)
             self.exit(SERVER_STOPPED)
 
+    def request_exit(self, result: str = SERVER_STOPPED) -> None:
+        """Leave the app soon; safe from a signal handler or another thread (the server is being
+        stopped by someone else, e.g. SIGTERM to `lvllm serve`)."""
+        loop = self._running_loop
+        if loop is None:  # not mounted yet: on_mount leaves at once
+            self._exit_pending = result
+        elif not loop.is_closed():
+            loop.call_soon_threadsafe(self.exit, result)
+
     def on_unmount(self) -> None:
         self.poller.close()
 
 
-def run_attached(url: str, proc, log_path, *, api_key: str | None = None, interval: float = 1.0, **run_kwargs) -> str:
-    """`lvllm serve --monitor`: the dashboard on the server `proc` (a Popen started with
-    start_new_session=True, stdout+stderr to `log_path`). Returns SERVER_STOPPED,
-    SERVER_KEPT (user left it running) or SERVER_EXITED (it died on its own)."""
+def run_attached(
+    url: str,
+    server,
+    log_path=None,
+    *,
+    api_key: str | None = None,
+    interval: float = 1.0,
+    metrics_dirs: list | None = None,
+    on_app: Callable[[MonitorApp], None] | None = None,
+    **run_kwargs,
+) -> str:
+    """`lvllm serve --monitor`: the dashboard on a server lvllm started.
+
+    `server` is a ServerHandle (serve passes its Supervisor) or a Popen started
+    with start_new_session=True whose stdout+stderr go to `log_path`.
+    `metrics_dirs`: where the server's CPU-expert figures are (default: found from the URL).
+    `on_app(app)` is called before the app runs (serve connects its signal
+    handling to `app.request_exit`). Returns SERVER_STOPPED, SERVER_KEPT (user
+    left it running) or SERVER_EXITED (it died on its own).
+    """
     from lvllm_cli.monitor.server import PopenServer
 
-    server = PopenServer(proc, log_path)
-    result = MonitorApp(url, api_key=api_key, interval=interval, server=server).run(**run_kwargs)
+    handle: ServerHandle = server if isinstance(server, ServerHandle) else PopenServer(server, log_path)
+    app = MonitorApp(url, api_key=api_key, interval=interval, server=handle, metrics_dirs=metrics_dirs)
+    if on_app is not None:
+        on_app(app)
+    result = app.run(**run_kwargs)
     if result is None:  # the dashboard ended some other way (it failed): that must not take the server down
-        return SERVER_EXITED if not server.is_running() else SERVER_KEPT
+        return SERVER_EXITED if not handle.is_running() else SERVER_KEPT
     return result

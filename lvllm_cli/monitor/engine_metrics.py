@@ -24,6 +24,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from lvllm_cli.atomic import write_atomically
 from lvllm_cli.monitor import stats
 from lvllm_cli.monitor.metrics import Scrape, parse_exposition
 
@@ -55,16 +56,59 @@ def metrics_dir(environ: Mapping[str, str] | None = None) -> Path:
     return Path("/tmp") / f"lvllm-{os.getuid()}"
 
 
-def candidate_dirs(environ: Mapping[str, str] | None = None) -> list[Path]:
-    """Directories the monitor looks in: the explicit one alone, else both defaults."""
+def server_metrics_dir(port: int, environ: Mapping[str, str] | None = None) -> Path:
+    """The directory `lvllm serve` gives the plugin of the server on `port`: $LVLLM_METRICS_DIR
+    as set, else `port-<port>` under the default directory, so that two servers on one machine
+    keep their figures apart and `lvllm monitor URL` finds them from the URL alone."""
+    env = os.environ if environ is None else environ
+    if env.get(ENV_DIR):
+        return Path(env[ENV_DIR])
+    return metrics_dir(env) / f"port-{int(port)}"
+
+
+def candidate_dirs(environ: Mapping[str, str] | None = None, port: int | None = None) -> list[Path]:
+    """Directories the monitor looks in: the explicit one alone, else (for a local server on
+    `port`) the per-server directories `lvllm serve` uses, then the defaults themselves (a
+    plugin in a vLLM started without lvllm serve writes there)."""
     env = os.environ if environ is None else environ
     if env.get(ENV_DIR):
         return [Path(env[ENV_DIR])]
-    out = [metrics_dir(env)]
+    bases = [metrics_dir(env)]
     fallback = Path("/tmp") / f"lvllm-{os.getuid()}"
-    if fallback not in out:
-        out.append(fallback)
-    return out
+    if fallback not in bases:
+        bases.append(fallback)
+    per_server = [b / f"port-{int(port)}" for b in bases] if port else []
+    return per_server + bases
+
+
+def remove_dead_workers(directory: Path) -> int:
+    """Delete the files of workers whose process is gone (a server killed hard on this port
+    before): pid-named files of live processes are left alone. The number removed."""
+    removed = 0
+    try:
+        entries = list(Path(directory).glob("lk_moe-*.prom"))
+    except OSError:
+        return 0
+    for path in entries:
+        pid = path.stem.removeprefix("lk_moe-")
+        if not pid.isdigit() or _pid_alive(int(pid)):
+            continue
+        try:
+            path.unlink()
+            removed += 1
+        except OSError:
+            pass
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def prepare_dir(path: Path) -> Path:
@@ -105,21 +149,9 @@ def format_metrics(cpu_tokens: float, gpu_tokens: float, cpu_seconds: float, cal
 
 
 def write_metrics_file(directory: Path, text: str, pid: int | None = None) -> Path:
-    """Atomically replace this worker's file: readers see the old or the new text, never half."""
-    target = file_path(directory, pid)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")  # not *.prom: readers skip it
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0), 0o600)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, target)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    return target
+    """Atomically replace this worker's file: readers see the old or the new text, never half
+    (the temporary file is hidden and not *.prom, so readers skip it)."""
+    return write_atomically(file_path(directory, pid), text, mode=0o600)
 
 
 def remove_metrics_file(directory: Path, pid: int | None = None) -> None:

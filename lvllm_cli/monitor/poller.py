@@ -69,7 +69,8 @@ class Poller:
         self._host_is_local = metrics.is_local_url(self.url)
         # `local` can be forced (tests, a server in a container with a published port)
         self.local = self._host_is_local if local is None else local
-        self.metrics_dirs = metrics_dirs if metrics_dirs is not None else engine_metrics.candidate_dirs()
+        port = urllib.parse.urlsplit(self.url).port or (443 if self.url.startswith("https") else 80)
+        self.metrics_dirs = metrics_dirs if metrics_dirs is not None else engine_metrics.candidate_dirs(port=port)
         self.timeout = timeout
         self.clock = clock
         self.history: deque[Scrape] = deque()
@@ -80,7 +81,6 @@ class Poller:
         if system and self.local:
             from lvllm_cli.monitor.system import SystemSampler
 
-            port = urllib.parse.urlsplit(self.url).port or (443 if self.url.startswith("https") else 80)
             self._system = SystemSampler(server_pid=server_pid, port=port)
         self.last_frame: Frame | None = None
 

@@ -1,9 +1,10 @@
-"""What `lvllm serve --monitor` hands the dashboard: a handle on the server it started.
+"""What the dashboard attached to a server needs: a handle on the server (its log, state, stop).
 
 The dashboard needs three things from a server it did not start itself: its
 log (a file it tails, so nothing blocks and a restarted monitor can pick the
 log up again), whether it still runs, and a way to stop it. `ServerHandle` is
-that interface; `PopenServer` implements it for a `subprocess.Popen`.
+that interface. `lvllm serve --monitor` hands it its Supervisor
+(lvllm_cli/supervise.py); `PopenServer` implements it for a plain `subprocess.Popen`.
 """
 
 from __future__ import annotations
@@ -56,32 +57,14 @@ class PopenServer:
     def exit_code(self) -> int | None:
         return self.proc.poll()
 
-    def _signal(self, sig: int) -> None:
-        try:
-            if os.getpgid(self.proc.pid) == self.proc.pid:
-                os.killpg(self.proc.pid, sig)  # own group: reaches workers that outlive the parent
-            else:
-                self.proc.send_signal(sig)
-        except (ProcessLookupError, PermissionError):
-            pass
-
     def stop(self, timeout: float = 30.0) -> int | None:
-        """SIGINT (vLLM's clean shutdown, as Ctrl-C), then SIGTERM, then SIGKILL."""
-        for sig, wait_s in ((signal.SIGINT, timeout), (signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
-            if self.proc.poll() is not None:
-                break
-            self._signal(sig)
-            try:
-                self.proc.wait(wait_s)
-            except subprocess.TimeoutExpired:
-                continue
-        # The parent is gone; make sure no worker of its group lingers holding GPU memory.
-        try:
-            if os.getpgid(self.proc.pid) == self.proc.pid:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError, OSError):
-            pass
-        return self.proc.poll()
+        """SIGINT (vLLM's clean shutdown, as Ctrl-C) to the whole group, then SIGTERM, then SIGKILL.
+
+        The sequence is lvllm's one stop implementation, `lvllm_cli.supervise.stop_group`.
+        """
+        from lvllm_cli.supervise import stop_group
+
+        return stop_group(self.proc, signal.SIGINT, timeout)
 
 
 class LogTail:

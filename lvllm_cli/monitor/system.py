@@ -14,46 +14,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
-def parse_cpulist(text: str) -> list[int]:
-    """Kernel cpulist syntax ("0-3,8-11", "5", "") → sorted CPU ids. Raises ValueError if malformed."""
-    out: set[int] = set()
-    for part in text.strip().split(","):
-        part = part.strip()
-        if not part:
-            continue
-        if "-" in part:
-            lo_s, hi_s = part.split("-", 1)
-            stride = 1
-            if ":" in hi_s:  # "0-7:2" style strides (rare)
-                hi_s, stride_s = hi_s.split(":", 1)
-                stride = int(stride_s)
-            lo, hi = int(lo_s), int(hi_s)
-            if hi < lo or stride < 1:
-                raise ValueError(f"bad cpulist range {part!r}")
-            out.update(range(lo, hi + 1, stride))
-        else:
-            out.add(int(part))
-    return sorted(out)
+def _nodes(sysroot: str | os.PathLike):
+    """The NUMA nodes as the probe reads them (one reader of the kernel's node files for doctor,
+    tune and the monitor); [] when sysfs has no node directory."""
+    from lvllm_cli.probe.numa import read_numa
+    from lvllm_cli.probe.sysfs import SysReader
+
+    return read_numa(SysReader(str(sysroot)))
 
 
 def numa_cpus(sysroot: str | os.PathLike = "/", cpus: Sequence[int] | None = None) -> dict[int, list[int]]:
     """NUMA node -> its CPU ids from sysfs; one node 0 with all `cpus` when sysfs has no node info."""
-    base = Path(sysroot) / "sys/devices/system/node"
-    nodes: dict[int, list[int]] = {}
-    try:
-        entries = list(base.iterdir())
-    except OSError:
-        entries = []
-    for entry in entries:
-        name = entry.name
-        if not (name.startswith("node") and name[4:].isdigit()):
-            continue
-        try:
-            ids = parse_cpulist((entry / "cpulist").read_text())
-        except (OSError, ValueError):
-            continue
-        if ids:
-            nodes[int(name[4:])] = ids
+    nodes = {n.id: n.cpus for n in _nodes(sysroot) if n.cpus}
     if not nodes:
         nodes = {0: list(cpus) if cpus is not None else list(range(os.cpu_count() or 1))}
     return dict(sorted(nodes.items()))
@@ -61,26 +33,7 @@ def numa_cpus(sysroot: str | os.PathLike = "/", cpus: Sequence[int] | None = Non
 
 def node_meminfo(sysroot: str | os.PathLike = "/") -> dict[int, tuple[int, int]]:
     """NUMA node -> (total bytes, free bytes) from sysfs; empty when unavailable."""
-    base = Path(sysroot) / "sys/devices/system/node"
-    out: dict[int, tuple[int, int]] = {}
-    try:
-        entries = list(base.iterdir())
-    except OSError:
-        return out
-    for entry in entries:
-        if not (entry.name.startswith("node") and entry.name[4:].isdigit()):
-            continue
-        vals: dict[str, int] = {}
-        try:
-            for line in (entry / "meminfo").read_text().splitlines():
-                parts = line.split()  # "Node 0 MemTotal:  131072 kB"
-                if len(parts) >= 4 and parts[2].endswith(":"):
-                    vals[parts[2][:-1]] = int(parts[3]) * (1024 if parts[-1].lower() == "kb" else 1)
-        except (OSError, ValueError):
-            continue
-        if "MemTotal" in vals and "MemFree" in vals:
-            out[int(entry.name[4:])] = (vals["MemTotal"], vals["MemFree"])
-    return dict(sorted(out.items()))
+    return {n.id: (n.mem_total_bytes, n.mem_free_bytes) for n in sorted(_nodes(sysroot), key=lambda n: n.id) if n.mem_total_bytes}
 
 
 def read_proc_stat(sysroot: str | os.PathLike = "/") -> dict[int, tuple[int, int]]:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import re
 
+from lvllm_cli.ranges import parse_cpulist
+
 # PCIe transfer rate (GT/s) per generation, as the kernel prints it in
 # current_link_speed / max_link_speed ("16.0 GT/s PCIe", older kernels "8 GT/s").
 _GTS_TO_GEN = {2.5: 1, 5.0: 2, 8.0: 3, 16.0: 4, 32.0: 5, 64.0: 6}
@@ -18,37 +20,12 @@ _UNITS = {"": 1, "B": 1, "K": 1 << 10, "KB": 1 << 10, "M": 1 << 20, "MB": 1 << 2
 def cpulist(text: str) -> list[int]:
     """'0-3,8-11' -> [0, 1, 2, 3, 8, 9, 10, 11]; '' (an empty node) -> [].
 
-    Also accepts the stride form '0-15:2' (cpuset syntax, rare in sysfs).
+    The one cpulist parser is lvllm_cli.ranges (the planner writes the same
+    form into LK_CPUS); it raises ValueError, which SysReader records as a
+    read problem. The kernel prints cpulist files with plain ranges only
+    (bitmap_print_to_pagebuf), so no other syntax is accepted here.
     """
-    text = text.strip()
-    if not text:
-        return []
-    out: set[int] = set()
-    for part in text.split(","):
-        m = re.fullmatch(r"(\d+)(?:-(\d+)(?::(\d+))?)?", part.strip())
-        if not m:
-            raise ValueError(f"not a CPU list: {text[:60]!r}")
-        lo = int(m.group(1))
-        hi = int(m.group(2)) if m.group(2) is not None else lo
-        step = int(m.group(3)) if m.group(3) is not None else 1
-        if hi < lo or step < 1:
-            raise ValueError(f"bad range {part!r} in CPU list")
-        out.update(range(lo, hi + 1, step))
-    return sorted(out)
-
-
-def format_cpulist(cpus) -> str:
-    """The inverse of `cpulist`, in the kernel's compact form ('0-3,8')."""
-    cpus = sorted(set(cpus))
-    parts: list[str] = []
-    i = 0
-    while i < len(cpus):
-        j = i
-        while j + 1 < len(cpus) and cpus[j + 1] == cpus[j] + 1:
-            j += 1
-        parts.append(str(cpus[i]) if i == j else f"{cpus[i]}-{cpus[j]}")
-        i = j + 1
-    return ",".join(parts)
+    return parse_cpulist(text)
 
 
 def meminfo(text: str) -> dict[str, int]:
