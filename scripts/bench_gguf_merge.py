@@ -1,0 +1,330 @@
+#!/usr/bin/env python3
+"""How fast does `lvllm gguf merge` go, against what the disk itself can do?
+
+Steps, all in --dir (default: a fresh directory under /tmp):
+  1. disk baseline: write --size bytes of random data in 64 MiB chunks and
+     fsync (timed: the writes and the fsync);
+  2. write a qwen3moe-shaped GGUF of about --size bytes with gguf.GGUFWriter
+     (random, incompressible tensor data: a 256 MiB random pool XORed with a
+     fresh 64-bit key per tensor, so no two tensors share bytes);
+  3. split it into --shards shards with lvllm's splitter, delete the model;
+  4. evict the shards from the page cache (posix_fadvise DONTNEED after
+     fsync; --warm skips this) and run `lvllm gguf merge` as a subprocess:
+     wall time, the merge's own time (after validation, fsync included) and
+     the peak RSS of the merge process (wait4);
+  5. copy baseline: evict again and `cat` the shards into one file + fsync
+     (what any tool that reads and writes the same bytes on this disk pays);
+  6. remove everything (unless --keep) and print a markdown report
+     (--json FILE also writes the numbers).
+
+Example: python scripts/bench_gguf_merge.py --size 20G --shards 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+GB = 1000**3
+MiB = 1024**2
+POOL_BYTES = 256 * MiB
+CHUNK = 64 * MiB
+
+# Qwen3-30B-A3B-like shapes (ggml order, ne): hidden 2048, 128 experts of 768
+HIDDEN, EXPERTS, EXPERT_FF, VOCAB = 2048, 128, 768, 16384
+
+
+def parse_size(text: str) -> int:
+    from lvllm_cli.gguf_tools import parse_size as ps
+
+    return ps(text)
+
+
+def machine_description(directory: Path) -> dict:
+    cpu = "unknown"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        import psutil
+
+        ram = psutil.virtual_memory().total
+    except Exception:
+        ram = None
+    fs, dev = "unknown", "unknown"
+    best = ""
+    try:
+        real = os.path.realpath(directory)
+        for line in open("/proc/mounts"):
+            d, mnt, typ = line.split()[:3]
+            if (real == mnt or real.startswith(mnt.rstrip("/") + "/")) and len(mnt) > len(best):
+                best, fs, dev = mnt, typ, d
+    except OSError:
+        pass
+    rotational = None
+    name = os.path.basename(dev)
+    rot = Path(f"/sys/block/{name}/queue/rotational")
+    if rot.exists():
+        rotational = rot.read_text().strip() == "1"
+    import gguf  # noqa: F401
+
+    try:
+        from importlib.metadata import version
+
+        gguf_version = version("gguf")
+    except Exception:
+        gguf_version = "unknown"
+    return {
+        "cpu": cpu, "cpus": os.cpu_count(), "ram_bytes": ram, "kernel": platform.release(),
+        "filesystem": fs, "device": dev, "mount": best, "rotational_flag": rotational,
+        "python": platform.python_version(), "gguf": gguf_version,
+        "copy_file_range": hasattr(os, "copy_file_range"),
+    }
+
+
+def evict(paths) -> None:
+    """Drop these files from the page cache so the next read comes from disk."""
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def disk_write_baseline(path: Path, size: int, rng: np.random.Generator) -> float:
+    """Seconds to write `size` random bytes and fsync them (only I/O is timed)."""
+    buf = rng.integers(0, 2**63, size=CHUNK // 8, dtype=np.uint64)
+    spent = 0.0
+    with open(path, "wb", buffering=0) as f:
+        left = size
+        while left > 0:
+            buf ^= np.uint64(rng.integers(1, 2**63))  # fresh bytes each chunk, untimed
+            view = memoryview(buf).cast("B")[: min(CHUNK, left)]
+            t0 = time.perf_counter()
+            while view:
+                n = f.write(view)
+                view = view[n:]
+            spent += time.perf_counter() - t0
+            left -= min(CHUNK, left)
+        t0 = time.perf_counter()
+        os.fsync(f.fileno())
+        spent += time.perf_counter() - t0
+    return spent
+
+
+def tensor_specs(target: int):
+    """(name, byte shape, ggml type) of a qwen3moe-like model of about `target` bytes."""
+    from gguf import GGMLQuantizationType as QT
+
+    q4k_row = lambda cols: cols // 256 * 144  # noqa: E731
+    q8_row = lambda cols: cols // 32 * 34  # noqa: E731
+    layer = [
+        ("attn_norm.weight", (HIDDEN * 4,), QT.F32),
+        ("attn_q.weight", (4096, q8_row(HIDDEN)), QT.Q8_0),
+        ("attn_k.weight", (512, q8_row(HIDDEN)), QT.Q8_0),
+        ("attn_v.weight", (512, q8_row(HIDDEN)), QT.Q8_0),
+        ("attn_output.weight", (HIDDEN, q8_row(4096)), QT.Q8_0),
+        ("ffn_norm.weight", (HIDDEN * 4,), QT.F32),
+        ("ffn_gate_inp.weight", (EXPERTS, HIDDEN * 4), QT.F32),
+        ("ffn_gate_exps.weight", (EXPERTS, EXPERT_FF, q4k_row(HIDDEN)), QT.Q4_K),
+        ("ffn_up_exps.weight", (EXPERTS, EXPERT_FF, q4k_row(HIDDEN)), QT.Q4_K),
+        ("ffn_down_exps.weight", (EXPERTS, HIDDEN, q4k_row(EXPERT_FF)), QT.Q4_K),
+    ]
+    per_layer = sum(math.prod(s) for _, s, _ in layer)
+    head = [("token_embd.weight", (VOCAB, HIDDEN * 2), QT.F16)]
+    tail = [("output_norm.weight", (HIDDEN * 4,), QT.F32), ("output.weight", (VOCAB, q8_row(HIDDEN)), QT.Q8_0)]
+    fixed = sum(math.prod(s) for _, s, _ in head + tail)
+    n_layers = max(1, round((target - fixed) / per_layer))
+    specs = list(head)
+    for i in range(n_layers):
+        specs += [(f"blk.{i}.{n}", s, t) for n, s, t in layer]
+    return specs + tail, n_layers
+
+
+def write_model(path: Path, target: int, rng: np.random.Generator) -> tuple[int, int]:
+    import gguf
+
+    specs, n_layers = tensor_specs(target)
+    w = gguf.GGUFWriter(path, "qwen3moe")
+    w.add_name("lvllm-bench-qwen3moe")
+    w.add_block_count(n_layers)
+    w.add_embedding_length(HIDDEN)
+    w.add_expert_count(EXPERTS)
+    w.add_expert_used_count(8)
+    w.add_array("tokenizer.ggml.tokens", [f"t{i}" for i in range(VOCAB)])
+    for name, shape, qtype in specs:
+        w.add_tensor_info(name, shape, np.dtype(np.uint8), math.prod(shape), raw_dtype=qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    pool = rng.integers(0, 2**63, size=POOL_BYTES // 8, dtype=np.uint64)
+    for _, shape, _ in specs:
+        n = math.prod(shape)
+        words = -(-n // 8)
+        pos, left, parts = int(rng.integers(0, pool.size)), words, []
+        while left:  # a window of the pool, wrapping around
+            take = min(left, pool.size - pos)
+            parts.append(pool[pos:pos + take])
+            left, pos = left - take, 0
+        data = np.concatenate(parts) if len(parts) > 1 else parts[0].copy()
+        data ^= np.uint64(rng.integers(1, 2**63))
+        w.write_tensor_data(data.view(np.uint8)[:n].reshape(shape))
+    w.close()
+    return len(specs), n_layers
+
+
+def _vm_hwm(pid: int) -> int | None:
+    """Peak RSS of the process's current address space (bytes), from /proc."""
+    try:
+        for line in open(f"/proc/{pid}/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def run_merge(first: Path, out: Path) -> dict:
+    """Run the CLI merge; peak RSS is polled from VmHWM because the rusage of a
+    child (wait4, RUSAGE_CHILDREN) also counts the parent's pages it shared
+    between fork and exec, which would blame this script's buffers on merge."""
+    cmd = [sys.executable, "-m", "lvllm_cli", "gguf", "merge", str(first), str(out), "-q", "--json"]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    peak = 0
+    while proc.poll() is None:
+        peak = max(peak, _vm_hwm(proc.pid) or 0)
+        time.sleep(0.01)
+    wall = time.perf_counter() - t0
+    stdout, stderr = proc.stdout.read().decode(), proc.stderr.read().decode()
+    proc.stdout.close()
+    proc.stderr.close()
+    if proc.returncode != 0:
+        raise SystemExit(f"merge failed ({proc.returncode}):\n{stderr}")
+    result = json.loads(stdout)
+    result["wall_seconds"] = wall
+    result["peak_rss_bytes"] = peak
+    return result
+
+
+def cat_baseline(shards, out: Path) -> float:
+    t0 = time.perf_counter()
+    with open(out, "wb") as f:
+        subprocess.run(["cat", *map(str, shards)], stdout=f, check=True)
+        os.fsync(f.fileno())
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", default="4G", help="model size, e.g. 4G or 20G (1000^3)")
+    ap.add_argument("--shards", type=int, default=5)
+    ap.add_argument("--dir", type=Path, default=None, help="work directory (default: new one under /tmp)")
+    ap.add_argument("--warm", action="store_true", help="leave the shards in the page cache")
+    ap.add_argument("--keep", action="store_true", help="keep the files")
+    ap.add_argument("--seed", type=int, default=None)
+    ap.add_argument("--json", type=Path, default=None, help="also write the numbers here")
+    args = ap.parse_args()
+
+    from lvllm_cli.gguf_tools import split
+
+    size = parse_size(args.size)
+    work = args.dir or Path(tempfile.mkdtemp(prefix="lvllm-bench-gguf-", dir="/tmp"))
+    work.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(work).free
+    if free < 2.2 * size:
+        raise SystemExit(f"{work}: {free / GB:.1f} GB free, the benchmark needs about {2.2 * size / GB:.1f} GB")
+    rng = np.random.default_rng(args.seed)
+    report: dict = {"machine": machine_description(work), "size_arg": args.size, "shards": args.shards,
+                    "cold": not args.warm}
+    try:
+        base = work / "baseline.bin"
+        secs = disk_write_baseline(base, size, rng)
+        base.unlink()
+        report["disk_write_GBps"] = size / secs / GB
+        print(f"disk write baseline: {size / GB:.2f} GB in {secs:.2f} s = {report['disk_write_GBps']:.2f} GB/s",
+              file=sys.stderr)
+
+        model = work / "model.gguf"
+        t0 = time.perf_counter()
+        n_tensors, n_layers = write_model(model, size, rng)
+        model_bytes = model.stat().st_size
+        print(f"model: {model_bytes / GB:.2f} GB, {n_tensors} tensors, {n_layers} layers "
+              f"({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
+        report.update(model_bytes=model_bytes, tensors=n_tensors, layers=n_layers)
+
+        t0 = time.perf_counter()
+        res = split(model, work / "model-split", max_tensors=-(-n_tensors // args.shards))
+        shards = list(res.outputs)
+        model.unlink()
+        print(f"split into {len(shards)} shards ({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
+        report["shards"] = len(shards)
+
+        if not args.warm:
+            evict(shards)
+        merged = work / "merged.gguf"
+        m = run_merge(shards[0], merged)
+        merged_bytes = merged.stat().st_size
+        merged.unlink()
+        report.update(
+            merged_bytes=merged_bytes,
+            merge_seconds=m["seconds"], merge_wall_seconds=m["wall_seconds"],
+            merge_GBps=merged_bytes / m["seconds"] / GB, merge_wall_GBps=merged_bytes / m["wall_seconds"] / GB,
+            merge_peak_rss_bytes=m["peak_rss_bytes"],
+        )
+        print(f"merge: {report['merge_GBps']:.2f} GB/s ({m['seconds']:.2f} s; wall {m['wall_seconds']:.2f} s), "
+              f"peak RSS {m['peak_rss_bytes'] / MiB:.0f} MiB", file=sys.stderr)
+
+        if not args.warm:
+            evict(shards)
+        cat_out = work / "cat.bin"
+        secs = cat_baseline(shards, cat_out)
+        cat_out.unlink()
+        report["cat_GBps"] = merged_bytes / secs / GB
+        print(f"cat baseline: {report['cat_GBps']:.2f} GB/s", file=sys.stderr)
+
+        # the disk again, now that the run is over: shared and virtual disks drift
+        for p in shards:
+            p.unlink()
+        secs = disk_write_baseline(base, size, rng)
+        base.unlink()
+        report["disk_write_GBps_after"] = size / secs / GB
+        print(f"disk write baseline (after): {report['disk_write_GBps_after']:.2f} GB/s", file=sys.stderr)
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+    disk = max(report["disk_write_GBps"], report["disk_write_GBps_after"])  # the faster: a conservative ratio
+    report["ratio_vs_disk_write"] = report["merge_GBps"] / disk
+    report["ratio_vs_cat"] = report["merge_GBps"] / report["cat_GBps"]
+    mach = report["machine"]
+    print(f"""
+| model | shards | merge GB/s (wall) | disk write GB/s (before, after) | merge / disk | cat GB/s | merge / cat | merge peak RSS | cache |
+|---|---|---|---|---|---|---|---|---|
+| {report['merged_bytes'] / GB:.2f} GB, {report['tensors']} tensors | {report['shards']} | {report['merge_GBps']:.2f} ({report['merge_wall_GBps']:.2f}) | {report['disk_write_GBps']:.2f}, {report['disk_write_GBps_after']:.2f} | {report['ratio_vs_disk_write']:.2f} | {report['cat_GBps']:.2f} | {report['ratio_vs_cat']:.2f} | {report['merge_peak_rss_bytes'] / MiB:.0f} MiB | {'cold' if report['cold'] else 'warm'} |
+
+machine: {mach['cpu']}, {mach['cpus']} CPUs, {(mach['ram_bytes'] or 0) / 2**30:.0f} GiB RAM, kernel {mach['kernel']},
+{mach['filesystem']} on {mach['device']} (rotational flag {mach['rotational_flag']}), Python {mach['python']}, gguf {mach['gguf']}""")
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
