@@ -2,19 +2,20 @@
 """How fast does `lvllm gguf merge` go, against what the disk itself can do?
 
 Steps, all in --dir (default: a fresh directory under /tmp):
-  1. disk baseline: write --size bytes of random data in 64 MiB chunks and
-     fsync (timed: the writes and the fsync);
-  2. write a qwen3moe-shaped GGUF of about --size bytes with gguf.GGUFWriter
+  1. write a qwen3moe-shaped GGUF of about --size bytes with gguf.GGUFWriter
      (random, incompressible tensor data: a 256 MiB random pool XORed with a
      fresh 64-bit key per tensor, so no two tensors share bytes);
-  3. split it into --shards shards with lvllm's splitter, delete the model;
-  4. evict the shards from the page cache (posix_fadvise DONTNEED after
-     fsync; --warm skips this) and run `lvllm gguf merge` as a subprocess:
-     wall time, the merge's own time (after validation, fsync included) and
-     the peak RSS of the merge process (wait4);
-  5. copy baseline: evict again and `cat` the shards into one file + fsync
-     (what any tool that reads and writes the same bytes on this disk pays);
-  6. remove everything (unless --keep) and print a markdown report
+  2. split it into --shards shards with lvllm's splitter, delete the model;
+  3. --rounds times, interleaved (medians are reported):
+     a. evict the shards from the page cache (fsync + posix_fadvise
+        DONTNEED; --warm skips this) and run `lvllm gguf merge` as a
+        subprocess: the merge's own time (after validation, fsync included),
+        wall time, and peak RSS (VmHWM of the merge process);
+     b. copy baseline: evict again, `cat` the shards into one file + fsync
+        (what any tool reading and writing these bytes on this disk pays);
+     c. disk baseline: write as many random bytes in 64 MiB chunks + fsync
+        (only the writes and the fsync are timed);
+  4. remove everything (unless --keep) and print a markdown report
      (--json FILE also writes the numbers).
 
 Example: python scripts/bench_gguf_merge.py --size 20G --shards 5
@@ -28,6 +29,7 @@ import math
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -237,6 +239,7 @@ def main() -> None:
     ap.add_argument("--size", default="4G", help="model size, e.g. 4G or 20G (1000^3)")
     ap.add_argument("--shards", type=int, default=5)
     ap.add_argument("--dir", type=Path, default=None, help="work directory (default: new one under /tmp)")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved merge/cat/disk-write rounds (medians)")
     ap.add_argument("--warm", action="store_true", help="leave the shards in the page cache")
     ap.add_argument("--keep", action="store_true", help="keep the files")
     ap.add_argument("--seed", type=int, default=None)
@@ -255,13 +258,6 @@ def main() -> None:
     report: dict = {"machine": machine_description(work), "size_arg": args.size, "shards": args.shards,
                     "cold": not args.warm}
     try:
-        base = work / "baseline.bin"
-        secs = disk_write_baseline(base, size, rng)
-        base.unlink()
-        report["disk_write_GBps"] = size / secs / GB
-        print(f"disk write baseline: {size / GB:.2f} GB in {secs:.2f} s = {report['disk_write_GBps']:.2f} GB/s",
-              file=sys.stderr)
-
         model = work / "model.gguf"
         t0 = time.perf_counter()
         n_tensors, n_layers = write_model(model, size, rng)
@@ -277,49 +273,49 @@ def main() -> None:
         print(f"split into {len(shards)} shards ({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
         report["shards"] = len(shards)
 
-        if not args.warm:
-            evict(shards)
-        merged = work / "merged.gguf"
-        m = run_merge(shards[0], merged)
-        merged_bytes = merged.stat().st_size
-        merged.unlink()
-        report.update(
-            merged_bytes=merged_bytes,
-            merge_seconds=m["seconds"], merge_wall_seconds=m["wall_seconds"],
-            merge_GBps=merged_bytes / m["seconds"] / GB, merge_wall_GBps=merged_bytes / m["wall_seconds"] / GB,
-            merge_peak_rss_bytes=m["peak_rss_bytes"],
-        )
-        print(f"merge: {report['merge_GBps']:.2f} GB/s ({m['seconds']:.2f} s; wall {m['wall_seconds']:.2f} s), "
-              f"peak RSS {m['peak_rss_bytes'] / MiB:.0f} MiB", file=sys.stderr)
-
-        if not args.warm:
-            evict(shards)
-        cat_out = work / "cat.bin"
-        secs = cat_baseline(shards, cat_out)
-        cat_out.unlink()
-        report["cat_GBps"] = merged_bytes / secs / GB
-        print(f"cat baseline: {report['cat_GBps']:.2f} GB/s", file=sys.stderr)
-
-        # the disk again, now that the run is over: shared and virtual disks drift
-        for p in shards:
-            p.unlink()
-        secs = disk_write_baseline(base, size, rng)
-        base.unlink()
-        report["disk_write_GBps_after"] = size / secs / GB
-        print(f"disk write baseline (after): {report['disk_write_GBps_after']:.2f} GB/s", file=sys.stderr)
+        # interleaved rounds: a shared or virtual disk drifts, so compare
+        # numbers taken side by side and report medians
+        merged, cat_out, base = work / "merged.gguf", work / "cat.bin", work / "baseline.bin"
+        samples: dict[str, list[float]] = {"merge": [], "merge_wall": [], "cat": [], "disk_write": [], "rss": []}
+        for r in range(args.rounds):
+            if not args.warm:
+                evict(shards)
+            m = run_merge(shards[0], merged)
+            merged_bytes = merged.stat().st_size
+            merged.unlink()
+            samples["merge"].append(merged_bytes / m["seconds"] / GB)
+            samples["merge_wall"].append(merged_bytes / m["wall_seconds"] / GB)
+            samples["rss"].append(m["peak_rss_bytes"])
+            if not args.warm:
+                evict(shards)
+            secs = cat_baseline(shards, cat_out)
+            cat_out.unlink()
+            samples["cat"].append(merged_bytes / secs / GB)
+            secs = disk_write_baseline(base, merged_bytes, rng)
+            base.unlink()
+            samples["disk_write"].append(merged_bytes / secs / GB)
+            print(f"round {r + 1}: merge {samples['merge'][-1]:.2f} GB/s (wall {samples['merge_wall'][-1]:.2f}), "
+                  f"peak RSS {m['peak_rss_bytes'] / MiB:.0f} MiB; cat {samples['cat'][-1]:.2f} GB/s; "
+                  f"disk write {samples['disk_write'][-1]:.2f} GB/s", file=sys.stderr)
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
 
-    disk = max(report["disk_write_GBps"], report["disk_write_GBps_after"])  # the faster: a conservative ratio
-    report["ratio_vs_disk_write"] = report["merge_GBps"] / disk
-    report["ratio_vs_cat"] = report["merge_GBps"] / report["cat_GBps"]
+    med = {k: statistics.median(v) for k, v in samples.items()}
+    report.update(
+        merged_bytes=merged_bytes, rounds=args.rounds, samples=samples,
+        merge_GBps=med["merge"], merge_wall_GBps=med["merge_wall"], cat_GBps=med["cat"],
+        disk_write_GBps=med["disk_write"], merge_peak_rss_bytes=max(samples["rss"]),
+        ratio_vs_disk_write=med["merge"] / med["disk_write"], ratio_vs_cat=med["merge"] / med["cat"],
+    )
     mach = report["machine"]
+    rng_of = lambda k: f"{min(samples[k]):.2f}-{max(samples[k]):.2f}"  # noqa: E731
     print(f"""
-| model | shards | merge GB/s (wall) | disk write GB/s (before, after) | merge / disk | cat GB/s | merge / cat | merge peak RSS | cache |
+| model | shards | merge GB/s (wall) | disk write GB/s | merge / disk | cat GB/s | merge / cat | merge peak RSS | cache |
 |---|---|---|---|---|---|---|---|---|
-| {report['merged_bytes'] / GB:.2f} GB, {report['tensors']} tensors | {report['shards']} | {report['merge_GBps']:.2f} ({report['merge_wall_GBps']:.2f}) | {report['disk_write_GBps']:.2f}, {report['disk_write_GBps_after']:.2f} | {report['ratio_vs_disk_write']:.2f} | {report['cat_GBps']:.2f} | {report['ratio_vs_cat']:.2f} | {report['merge_peak_rss_bytes'] / MiB:.0f} MiB | {'cold' if report['cold'] else 'warm'} |
+| {merged_bytes / GB:.2f} GB, {n_tensors} tensors | {len(shards)} | {med['merge']:.2f} ({med['merge_wall']:.2f}) | {med['disk_write']:.2f} | {report['ratio_vs_disk_write']:.2f} | {med['cat']:.2f} | {report['ratio_vs_cat']:.2f} | {max(samples['rss']) / MiB:.0f} MiB | {'cold' if report['cold'] else 'warm'} |
 
+medians of {args.rounds} interleaved rounds; ranges: merge {rng_of('merge')}, disk write {rng_of('disk_write')}, cat {rng_of('cat')} GB/s
 machine: {mach['cpu']}, {mach['cpus']} CPUs, {(mach['ram_bytes'] or 0) / 2**30:.0f} GiB RAM, kernel {mach['kernel']},
 {mach['filesystem']} on {mach['device']} (rotational flag {mach['rotational_flag']}), Python {mach['python']}, gguf {mach['gguf']}""")
     if args.json:
