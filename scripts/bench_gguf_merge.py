@@ -209,7 +209,8 @@ def run_merge(first: Path, out: Path) -> dict:
     between fork and exec, which would blame this script's buffers on merge."""
     cmd = [sys.executable, "-m", "lvllm_cli", "gguf", "merge", str(first), str(out), "-q", "--json"]
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    # cwd: `python -m lvllm_cli` must find the installed package, not a checkout in the cwd
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=out.parent)
     peak = 0
     while proc.poll() is None:
         peak = max(peak, _vm_hwm(proc.pid) or 0)

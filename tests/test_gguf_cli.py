@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tempfile
 
 import gguf
 import numpy as np
@@ -12,9 +13,10 @@ import pytest
 from gguf_helpers import dir_listing, tensor_bytes, write_moe_model
 
 
-def lvllm(*args, cwd=None):
+def lvllm(*args):
+    # run from a neutral directory: `-m lvllm_cli` must import the installed package, not a checkout
     return subprocess.run([sys.executable, "-m", "lvllm_cli", "gguf", *map(str, args)],
-                          capture_output=True, text=True, cwd=cwd, timeout=120)
+                          capture_output=True, text=True, cwd=tempfile.gettempdir(), timeout=120)
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,8 @@ with gguf-py's GGUFWriter from llama.cpp's rules (see docs/notes/gguf.md)."""
 
 from __future__ import annotations
 
+import os
+
 import gguf
 import numpy as np
 import pytest
@@ -214,3 +216,17 @@ def test_validate_shards_reports_the_set(model, tmp_path):
     s = validate_shards(result.outputs[0])
     assert s.paths == list(result.outputs)
     assert s.tensors_count == 27 and s.name.count == 3
+
+
+def test_merge_output_defaults(model, tmp_path):
+    shards = split(model, tmp_path / "q4", max_tensors=10).outputs
+    (tmp_path / "out").mkdir()
+    into_dir = merge(shards[0], tmp_path / "out")
+    assert into_dir.output == tmp_path / "out" / "q4.gguf"
+    beside = merge(shards[0])
+    assert beside.output == tmp_path / "q4.gguf"
+    assert into_dir.output.read_bytes() == beside.output.read_bytes()
+    mode = beside.output.stat().st_mode & 0o777
+    umask = os.umask(0)
+    os.umask(umask)
+    assert mode == 0o666 & ~umask  # not mkstemp's 0600

@@ -109,7 +109,8 @@ class StagedOutputs:
     def commit(self) -> None:
         mode = 0o666 & ~_umask()  # mkstemp makes 0600; give the usual permissions
         for f in self.files:
-            os.fchmod(f.fileno(), mode)
+            if hasattr(os, "fchmod"):
+                os.fchmod(f.fileno(), mode)
             os.fsync(f.fileno())
             f.close()
         renamed: list[Path] = []
