@@ -6,7 +6,8 @@ Steps, all in --dir (default: a fresh directory under /tmp):
      (random, incompressible tensor data: a 256 MiB random pool XORed with a
      fresh 64-bit key per tensor, so no two tensors share bytes);
   2. split it into --shards shards with lvllm's splitter, delete the model;
-  3. --rounds times, interleaved (medians are reported):
+  3. --rounds times, interleaved, the order rotating from round to round,
+     each step after `sync` and --settle seconds of quiet (medians reported):
      a. evict the shards from the page cache (fsync + posix_fadvise
         DONTNEED; --warm skips this) and run `lvllm gguf merge` as a
         subprocess: the merge's own time (after validation, fsync included),
@@ -134,6 +135,40 @@ def disk_write_baseline(path: Path, size: int, rng: np.random.Generator) -> floa
     return spent
 
 
+def disk_direct_baseline(path: Path, size: int, rng: np.random.Generator) -> tuple[int, float] | None:
+    """(bytes, seconds) writing random data with O_DIRECT in 64 MiB requests +
+    fsync: the device's own sequential write speed, no page cache involved.
+    None where O_DIRECT is not supported (tmpfs, some FUSE)."""
+    import mmap
+
+    chunk = 64 * MiB
+    buf = mmap.mmap(-1, chunk)  # page-aligned, as O_DIRECT needs
+    words = np.frombuffer(buf, dtype=np.uint64)
+    words[:] = rng.integers(0, 2**63, size=words.size, dtype=np.uint64)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_DIRECT", 0), 0o644)
+    except OSError:
+        return None
+    spent, written = 0.0, 0
+    try:
+        while written < size:
+            words ^= np.uint64(rng.integers(1, 2**63))
+            t0 = time.perf_counter()
+            try:
+                written += os.write(fd, buf)
+            except OSError:
+                return None
+            spent += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        os.fsync(fd)
+        spent += time.perf_counter() - t0
+    finally:
+        os.close(fd)
+        del words
+        buf.close()
+    return written, spent
+
+
 def tensor_specs(target: int):
     """(name, byte shape, ggml type) of a qwen3moe-like model of about `target` bytes."""
     from gguf import GGMLQuantizationType as QT
@@ -244,6 +279,7 @@ def main() -> None:
     ap.add_argument("--shards", type=int, default=5)
     ap.add_argument("--dir", type=Path, default=None, help="work directory (default: new one under /tmp)")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved merge/cat/disk-write rounds (medians)")
+    ap.add_argument("--settle", type=float, default=10.0, help="seconds of quiet (after sync) before each measurement")
     ap.add_argument("--warm", action="store_true", help="leave the shards in the page cache")
     ap.add_argument("--keep", action="store_true", help="keep the files")
     ap.add_argument("--seed", type=int, default=None)
@@ -280,8 +316,12 @@ def main() -> None:
         # interleaved rounds: a shared or virtual disk drifts, so compare
         # numbers taken side by side and report medians
         merged, cat_out, base = work / "merged.gguf", work / "cat.bin", work / "baseline.bin"
-        samples: dict[str, list[float]] = {"merge": [], "merge_wall": [], "cat": [], "disk_write": [], "rss": []}
-        for r in range(args.rounds):
+        samples: dict[str, list[float]] = {"merge": [], "merge_wall": [], "cat": [], "disk_write": [], "direct_write": [],
+                                           "rss": []}
+        merged_bytes = None
+
+        def do_merge():
+            nonlocal merged_bytes
             if not args.warm:
                 evict(shards)
             m = run_merge(shards[0], merged)
@@ -290,36 +330,64 @@ def main() -> None:
             samples["merge"].append(merged_bytes / m["seconds"] / GB)
             samples["merge_wall"].append(merged_bytes / m["wall_seconds"] / GB)
             samples["rss"].append(m["peak_rss_bytes"])
+            return f"merge {samples['merge'][-1]:.2f} GB/s (wall {samples['merge_wall'][-1]:.2f}), " \
+                   f"peak RSS {m['peak_rss_bytes'] / MiB:.0f} MiB"
+
+        def do_cat():
             if not args.warm:
                 evict(shards)
             secs = cat_baseline(shards, cat_out)
+            n = cat_out.stat().st_size
             cat_out.unlink()
-            samples["cat"].append(merged_bytes / secs / GB)
-            secs = disk_write_baseline(base, merged_bytes, rng)
+            samples["cat"].append(n / secs / GB)
+            return f"cat {samples['cat'][-1]:.2f} GB/s"
+
+        def do_write():
+            n = sum(p.stat().st_size for p in shards)
+            secs = disk_write_baseline(base, n, rng)
             base.unlink()
-            samples["disk_write"].append(merged_bytes / secs / GB)
-            print(f"round {r + 1}: merge {samples['merge'][-1]:.2f} GB/s (wall {samples['merge_wall'][-1]:.2f}), "
-                  f"peak RSS {m['peak_rss_bytes'] / MiB:.0f} MiB; cat {samples['cat'][-1]:.2f} GB/s; "
-                  f"disk write {samples['disk_write'][-1]:.2f} GB/s", file=sys.stderr)
+            samples["disk_write"].append(n / secs / GB)
+            return f"disk write {samples['disk_write'][-1]:.2f} GB/s"
+
+        def do_direct():
+            got = disk_direct_baseline(base, sum(p.stat().st_size for p in shards), rng)
+            base.unlink()
+            if got is None:
+                return "direct write unsupported"
+            samples["direct_write"].append(got[0] / got[1] / GB)
+            return f"direct write {samples['direct_write'][-1]:.2f} GB/s"
+
+        steps = [do_merge, do_cat, do_write, do_direct]
+        for r in range(args.rounds):
+            # rotate the order: a virtual disk absorbs bursts and then pays for
+            # them, so whoever runs right after a big write is at a disadvantage
+            line = []
+            for step in steps[r % len(steps):] + steps[: r % len(steps)]:
+                os.sync()
+                time.sleep(args.settle)
+                line.append(step())
+            print(f"round {r + 1}: " + "; ".join(line), file=sys.stderr)
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
 
-    med = {k: statistics.median(v) for k, v in samples.items()}
+    med = {k: statistics.median(v) if v else float("nan") for k, v in samples.items()}
     report.update(
         merged_bytes=merged_bytes, rounds=args.rounds, samples=samples,
         merge_GBps=med["merge"], merge_wall_GBps=med["merge_wall"], cat_GBps=med["cat"],
-        disk_write_GBps=med["disk_write"], merge_peak_rss_bytes=max(samples["rss"]),
-        ratio_vs_disk_write=med["merge"] / med["disk_write"], ratio_vs_cat=med["merge"] / med["cat"],
+        disk_write_GBps=med["disk_write"], direct_write_GBps=med["direct_write"],
+        merge_peak_rss_bytes=max(samples["rss"]),
+        ratio_vs_disk_write=med["merge"] / med["disk_write"], ratio_vs_direct_write=med["merge"] / med["direct_write"],
+        ratio_vs_cat=med["merge"] / med["cat"],
     )
     mach = report["machine"]
-    rng_of = lambda k: f"{min(samples[k]):.2f}-{max(samples[k]):.2f}"  # noqa: E731
+    rng_of = lambda k: f"{min(samples[k]):.2f}-{max(samples[k]):.2f}" if samples[k] else "n/a"  # noqa: E731
     print(f"""
-| model | shards | merge GB/s (wall) | disk write GB/s | merge / disk | cat GB/s | merge / cat | merge peak RSS | cache |
-|---|---|---|---|---|---|---|---|---|
-| {merged_bytes / GB:.2f} GB, {n_tensors} tensors | {len(shards)} | {med['merge']:.2f} ({med['merge_wall']:.2f}) | {med['disk_write']:.2f} | {report['ratio_vs_disk_write']:.2f} | {med['cat']:.2f} | {report['ratio_vs_cat']:.2f} | {max(samples['rss']) / MiB:.0f} MiB | {'cold' if report['cold'] else 'warm'} |
+| model | shards | merge GB/s (wall) | write+fsync GB/s | O_DIRECT write GB/s | cat GB/s | merge / write | merge / O_DIRECT | merge / cat | merge peak RSS | cache |
+|---|---|---|---|---|---|---|---|---|---|---|
+| {merged_bytes / GB:.2f} GB, {n_tensors} tensors | {len(shards)} | {med['merge']:.2f} ({med['merge_wall']:.2f}) | {med['disk_write']:.2f} | {med['direct_write']:.2f} | {med['cat']:.2f} | {report['ratio_vs_disk_write']:.2f} | {report['ratio_vs_direct_write']:.2f} | {report['ratio_vs_cat']:.2f} | {max(samples['rss']) / MiB:.0f} MiB | {'cold' if report['cold'] else 'warm'} |
 
-medians of {args.rounds} interleaved rounds; ranges: merge {rng_of('merge')}, disk write {rng_of('disk_write')}, cat {rng_of('cat')} GB/s
+medians of {args.rounds} interleaved rounds; ranges (GB/s): merge {rng_of('merge')}, write+fsync {rng_of('disk_write')}, O_DIRECT {rng_of('direct_write')}, cat {rng_of('cat')}
 machine: {mach['cpu']}, {mach['cpus']} CPUs, {(mach['ram_bytes'] or 0) / 2**30:.0f} GiB RAM, kernel {mach['kernel']},
 {mach['filesystem']} on {mach['device']} (rotational flag {mach['rotational_flag']}), Python {mach['python']}, gguf {mach['gguf']}""")
     if args.json:
