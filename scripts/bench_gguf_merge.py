@@ -11,7 +11,7 @@ Steps, all in --dir (default: a fresh directory under /tmp):
      a. evict the shards from the page cache (fsync + posix_fadvise
         DONTNEED; --warm skips this) and run `lvllm gguf merge` as a
         subprocess: the merge's own time (after validation, fsync included),
-        wall time, and peak RSS (VmHWM of the merge process);
+        wall time, and peak RSS (the merge process's VmHWM at exit);
      b. copy baseline: evict again, `cat` the shards into one file + fsync
         (what any tool reading and writing these bytes on this disk pays);
      c. disk baseline: write as many random bytes in 64 MiB chunks + fsync
@@ -230,38 +230,35 @@ def write_model(path: Path, target: int, rng: np.random.Generator) -> tuple[int,
     return len(specs), n_layers
 
 
-def _vm_hwm(pid: int) -> int | None:
-    """Peak RSS of the process's current address space (bytes), from /proc."""
-    try:
-        for line in open(f"/proc/{pid}/status"):
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
+# Runs the real CLI and, at exit, prints the process's own VmHWM (peak RSS of
+# its address space since exec). The rusage of a child (wait4,
+# RUSAGE_CHILDREN) would also count the parent's pages it shared between fork
+# and exec, blaming this script's buffers on the merge.
+_MERGE_WRAPPER = """
+import atexit, sys
+def _report():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            print("LVLLM_BENCH_VMHWM", int(line.split()[1]) * 1024, file=sys.stderr)
+atexit.register(_report)
+sys.argv = ["lvllm"] + sys.argv[1:]
+from lvllm_cli.cli import main
+main()
+"""
 
 
 def run_merge(first: Path, out: Path) -> dict:
-    """Run the CLI merge; peak RSS is polled from VmHWM because the rusage of a
-    child (wait4, RUSAGE_CHILDREN) also counts the parent's pages it shared
-    between fork and exec, which would blame this script's buffers on merge."""
-    cmd = [sys.executable, "-m", "lvllm_cli", "gguf", "merge", str(first), str(out), "-q", "--json"]
+    cmd = [sys.executable, "-c", _MERGE_WRAPPER, "gguf", "merge", str(first), str(out), "-q", "--json"]
     t0 = time.perf_counter()
-    # cwd: `python -m lvllm_cli` must find the installed package, not a checkout in the cwd
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=out.parent)
-    peak = 0
-    while proc.poll() is None:
-        peak = max(peak, _vm_hwm(proc.pid) or 0)
-        time.sleep(0.01)
+    # cwd: lvllm_cli must be the installed package, not a checkout in the cwd
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=out.parent)
     wall = time.perf_counter() - t0
-    stdout, stderr = proc.stdout.read().decode(), proc.stderr.read().decode()
-    proc.stdout.close()
-    proc.stderr.close()
     if proc.returncode != 0:
-        raise SystemExit(f"merge failed ({proc.returncode}):\n{stderr}")
-    result = json.loads(stdout)
+        raise SystemExit(f"merge failed ({proc.returncode}):\n{proc.stderr}")
+    result = json.loads(proc.stdout)
     result["wall_seconds"] = wall
-    result["peak_rss_bytes"] = peak
+    peaks = [int(line.split()[1]) for line in proc.stderr.splitlines() if line.startswith("LVLLM_BENCH_VMHWM")]
+    result["peak_rss_bytes"] = peaks[-1] if peaks else None
     return result
 
 
