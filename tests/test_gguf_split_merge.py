@@ -230,3 +230,31 @@ def test_merge_output_defaults(model, tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert mode == 0o666 & ~umask  # not mkstemp's 0600
+
+
+class CountingCopier(Copier):
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def copy(self, *args, **kw):
+        self.calls += 1
+        return super().copy(*args, **kw)
+
+
+def test_contiguous_tensors_are_copied_in_one_run_and_dirty_padding_is_not(model, tmp_path):
+    shards = split(model, tmp_path / "s", max_tensors=6).outputs
+    clean = CountingCopier()
+    merge(shards[0], tmp_path / "clean.gguf", copier=clean)
+    assert clean.calls == len(shards)  # one run per shard
+
+    # llama.cpp writes zeros as padding whatever the shard holds there
+    f = read_gguf(shards[1])
+    t = next(t for t in f.tensors[:-1] if pad(t.nbytes, 32) > t.nbytes)
+    with open(shards[1], "r+b") as fh:
+        fh.seek(f.data_offset + t.offset + t.nbytes)
+        fh.write(b"\xff" * (pad(t.nbytes, 32) - t.nbytes))
+    dirty = CountingCopier()
+    out = merge(shards[0], tmp_path / "dirty.gguf", copier=dirty).output
+    assert dirty.calls == len(shards) + 1
+    assert out.read_bytes() == (tmp_path / "clean.gguf").read_bytes()
