@@ -309,6 +309,10 @@ def main() -> None:
         model.unlink()
         print(f"split into {len(shards)} shards ({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
         report["shards"] = len(shards)
+        # let the disk absorb the split's writes before anything is timed: the
+        # first step after it measured half speed whatever it was
+        os.sync()
+        time.sleep(3 * args.settle)
 
         # interleaved rounds: a shared or virtual disk drifts, so compare
         # numbers taken side by side and report medians
