@@ -97,7 +97,7 @@ def _echo_json(data: Any) -> None:
 
 @app.command("info")
 def info_cmd(
-    file: Path = typer.Argument(..., help="A .gguf file, or any shard of a split model."),
+    file: Path = typer.Argument(..., metavar="FILE", help="A .gguf file, or any shard of a split model."),
     as_json: bool = typer.Option(False, "--json", help="Print everything as JSON (schema in the README)."),
     tensors: bool = typer.Option(False, "--tensors", help="Also list every tensor."),
     this_file: bool = typer.Option(False, "--this-file", help="For a shard: describe this file only, not the whole model."),
@@ -115,8 +115,8 @@ def info_cmd(
 
 @app.command("merge")
 def merge_cmd(
-    first_shard: Path = typer.Argument(..., help="The first shard: PREFIX-00001-of-0000N.gguf."),
-    out: Optional[Path] = typer.Argument(None, help="Output file or directory (default: PREFIX.gguf next to the shards)."),
+    first_shard: Path = typer.Argument(..., metavar="FIRST_SHARD", help="The first shard: PREFIX-00001-of-0000N.gguf."),
+    out: Optional[Path] = typer.Argument(None, metavar="OUT", help="Output file or directory (default: PREFIX.gguf next to the shards)."),
     force: bool = typer.Option(False, "--force", "-f", help="Replace OUT if it exists."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
@@ -152,7 +152,7 @@ def _parse_max_size(value: Optional[str]) -> Optional[int]:
 @app.command("split")
 def split_cmd(
     src: Path = typer.Argument(..., metavar="IN", help="The GGUF file to split."),
-    out_prefix: Path = typer.Argument(..., help="Shards are named OUT_PREFIX-00001-of-0000N.gguf (a trailing .gguf is dropped)."),
+    out_prefix: Path = typer.Argument(..., metavar="OUT_PREFIX", help="Shards are named OUT_PREFIX-00001-of-0000N.gguf (a trailing .gguf is dropped)."),
     max_size: Optional[str] = typer.Option(None, "--max-size", help="Most tensor bytes per shard, e.g. 50G (1000^3) or 48GiB."),
     max_tensors: Optional[int] = typer.Option(None, "--max-tensors", help="Most tensors per shard."),
     no_tensor_first_split: bool = typer.Option(False, "--no-tensor-first-split", help="Put only metadata in the first shard."),
