@@ -33,33 +33,22 @@ void configure_tiles() {
 }
 
 // Tile loads cannot run far ahead (two B registers), so streaming weights
-// from DRAM stalls on latency.  The first pass over a panel prefetches it
-// this many k-chunks (2 KiB each) ahead; later passes (more tokens, panel now
-// in L2) prefetch the next panel, which the caller streams next (panels of an
-// expert, and the experts, are contiguous), so DRAM works while tiles do.
-// Prefetching past the end of the weights is harmless: prefetches never fault.
+// from DRAM stalls on latency: prefetch the panel this many k-chunks (2 KiB
+// each) ahead.
 constexpr int PREFETCH_CHUNKS = 6;
 
-template <_mm_hint HINT>
 inline void prefetch_chunk(const uint16_t* pk) {
   const char* c = reinterpret_cast<const char*>(pk);
-  for (int l = 0; l < 2048; l += 64) _mm_prefetch(c + l, HINT);
-}
-
-inline void prefetch(const uint16_t* p, int K, int kc, bool first_pass) {
-  if (first_pass)
-    prefetch_chunk<_MM_HINT_T0>(p + size_t(kc + PREFETCH_CHUNKS) * 16 * 64);
-  else
-    prefetch_chunk<_MM_HINT_T1>(p + panel_elems(K) + size_t(kc) * 16 * 64);
+  for (int l = 0; l < 2048; l += 64) _mm_prefetch(c + l, _MM_HINT_T0);
 }
 
 // 32 tokens x 32 output rows.
-void tile32(const uint16_t* x, size_t ldx, const uint16_t* p, int K, float* y, bool first_pass) {
+void tile32(const uint16_t* x, size_t ldx, const uint16_t* p, int K, float* y) {
   _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
   const size_t sx = ldx * 2;
   for (int kc = 0; kc < K / 32; ++kc) {
     const uint16_t* pk = p + size_t(kc) * 16 * 64;
-    prefetch(p, K, kc, first_pass);
+    if (kc + PREFETCH_CHUNKS < K / 32) prefetch_chunk(pk + PREFETCH_CHUNKS * 16 * 64);
     _tile_loadd(4, x + kc * 32, sx);
     _tile_loadd(5, x + 16 * ldx + kc * 32, sx);
     _tile_loadd(6, pk, 128);
@@ -76,12 +65,12 @@ void tile32(const uint16_t* x, size_t ldx, const uint16_t* p, int K, float* y, b
 }
 
 // 16 tokens x 32 output rows.
-void tile16(const uint16_t* x, size_t ldx, const uint16_t* p, int K, float* y, bool first_pass) {
+void tile16(const uint16_t* x, size_t ldx, const uint16_t* p, int K, float* y) {
   _tile_zero(0); _tile_zero(2);
   const size_t sx = ldx * 2;
   for (int kc = 0; kc < K / 32; ++kc) {
     const uint16_t* pk = p + size_t(kc) * 16 * 64;
-    prefetch(p, K, kc, first_pass);
+    if (kc + PREFETCH_CHUNKS < K / 32) prefetch_chunk(pk + PREFETCH_CHUNKS * 16 * 64);
     _tile_loadd(4, x + kc * 32, sx);
     _tile_loadd(6, pk, 128);
     _tile_loadd(7, pk + 32, 128);
@@ -101,9 +90,9 @@ void panel_dot(const void* xv, size_t ldx, int n, const void* pv, int K, float* 
   }
   configure_tiles();
   int t = 0;
-  for (; n - t > 16; t += 32) tile32(x + t * ldx, ldx, p, K, y + t * 32, t == 0);  // the last may be padded
+  for (; n - t > 16; t += 32) tile32(x + t * ldx, ldx, p, K, y + t * 32);  // the last may be padded
   if (n - t >= 3)
-    tile16(x + t * ldx, ldx, p, K, y + t * 32, t == 0);  // 3..16 rows left, padded
+    tile16(x + t * ldx, ldx, p, K, y + t * 32);  // 3..16 rows left, padded
   else if (t < n)
     avx512bf16_panel_dot(x + t * ldx, ldx, n - t, p, K, y + t * 32);
 }
