@@ -139,3 +139,10 @@ def test_metrics_file_is_read_back_by_the_monitor(experts, tmp_path):
     assert values["lvllm_moe_cpu_seconds_total"] == pytest.approx(st["busy_ns"] / 1e9)
     exporter.stop()
     assert not list(tmp_path.glob("lk_moe-*.prom"))
+
+
+def test_metrics_directory_we_may_not_use_costs_only_the_figures(experts, tmp_path, caplog):
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("x")
+    assert experts.start_metrics(not_a_dir) is None
+    assert "not published" in caplog.text

@@ -16,12 +16,16 @@ Environment (set by `lvllm serve`, see lvllm_cli/plan.py):
 
 from __future__ import annotations
 
+import atexit
+import logging
 import os
 import threading
 from dataclasses import dataclass
 from typing import Any, Mapping
 
 from lvllm_cli.ranges import parse_cpulist, parse_layer_ranges, parse_rank_lists
+
+log = logging.getLogger("lvllm")
 
 DUMMY_WEIGHT_RANGE = 1e-3  # what vLLM's --load-format dummy draws from: U(-1e-3, 1e-3)
 
@@ -166,10 +170,16 @@ class CpuExperts:
         return self.runner(layer.hidden, int(topk_ids.shape[1]), x.dtype).run(layer, x, topk_ids, topk_weights)
 
     # -- figures -------------------------------------------------------------
-    def start_metrics(self, directory=None, period_s: float = 1.0) -> "MetricsExporter":
+    def start_metrics(self, directory=None, period_s: float = 1.0) -> "MetricsExporter | None":
+        """Publish this worker's figures for `lvllm monitor`; a directory we may not use only costs the figures."""
         if self._exporter is None:
-            self._exporter = MetricsExporter(self, directory, period_s)
+            try:
+                self._exporter = MetricsExporter(self, directory, period_s)
+            except OSError as exc:
+                log.warning("lvllm: CPU-expert figures not published: %s", exc)
+                return None
             self._exporter.start()
+            atexit.register(self._exporter.stop)
         return self._exporter
 
 
@@ -203,11 +213,14 @@ class MetricsExporter(threading.Thread):
         self._em.write_metrics_file(self.directory, self.snapshot_text())
 
     def run(self) -> None:
+        warned = False
         while not self._stop.wait(self.period_s):
             try:
                 self.write_once()
-            except OSError:
-                pass  # a full or vanished directory must never take the server down
+            except Exception as exc:  # noqa: BLE001 - figures must never take the server down
+                if not warned:
+                    log.warning("lvllm: cannot write CPU-expert figures to %s: %s", self.directory, exc)
+                    warned = True
 
     def stop(self) -> None:
         self._stop.set()
