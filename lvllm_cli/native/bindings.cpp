@@ -61,6 +61,17 @@ size_t row_stride(const AnyArray& a, const char* what, size_t rows, size_t cols)
   return rows > 1 ? size_t(a.stride(0)) : cols;
 }
 
+lk::WeightFormat parse_format(const std::string& s, int group) {
+  lk::WeightFormat wf;
+  if (s == "bfloat16" || s == "bf16") wf.kind = lk::WKind::bf16;
+  else if (s == "float16" || s == "f16" || s == "half") wf.kind = lk::WKind::f16;
+  else if (s == "int4") wf.kind = lk::WKind::int4;
+  else if (s == "fp8" || s == "fp8_e4m3" || s == "float8_e4m3fn") wf.kind = lk::WKind::fp8;
+  else throw nb::value_error(("unknown expert weight format '" + s + "' (expected bfloat16, float16, int4 or fp8)").c_str());
+  wf.group = group;
+  return wf;
+}
+
 lk::Part parse_part(const std::string& s) {
   if (s == "gate" || s == "w1") return lk::Part::gate;
   if (s == "up" || s == "w3") return lk::Part::up;
@@ -165,10 +176,14 @@ NB_MODULE(_lk_moe, m) {
   nb::class_<lk::MoELayer>(m, "MoELayer")
       .def(
           "__init__",
-          [](lk::MoELayer* self, std::shared_ptr<lk::Engine> engine, int E, int H, int I, const std::string& wtype) {
-            new (self) lk::MoELayer(std::move(engine), E, H, I, parse_dtype(wtype));
+          [](lk::MoELayer* self, std::shared_ptr<lk::Engine> engine, int E, int H, int I, const std::string& wtype, int group) {
+            new (self) lk::MoELayer(std::move(engine), E, H, I, parse_format(wtype, group));
           },
-          "engine"_a, "experts"_a, "hidden"_a, "intermediate"_a, "weight_dtype"_a = "bfloat16")
+          "engine"_a, "experts"_a, "hidden"_a, "intermediate"_a, "weight_dtype"_a = "bfloat16", "group_size"_a = 0,
+          "weight_dtype: bfloat16, float16, int4 or fp8; group_size: quantization group along K (0: per row)")
+      .def_prop_ro("weight_format", [](lk::MoELayer& l) { return std::string(lk::wkind_name(l.format().kind)); })
+      .def_prop_ro("group_size", [](lk::MoELayer& l) { return l.format().group; })
+      .def_prop_ro("expert_bytes", &lk::MoELayer::expert_bytes)
       .def_prop_ro("experts", &lk::MoELayer::E)
       .def_prop_ro("hidden", &lk::MoELayer::H)
       .def_prop_ro("intermediate", &lk::MoELayer::I)
@@ -196,6 +211,26 @@ NB_MODULE(_lk_moe, m) {
           },
           "expert"_a, "part"_a, "weights"_a, "dtype"_a = "",
           "Pack one expert's gate [I,H], up [I,H], gate_up [2I,H] or down [H,I] weights.")
+      .def(
+          "load_quantized",
+          [](lk::MoELayer& l, int e, const std::string& part, AnyArray q, AnyArray scales) {
+            lk::Part p = parse_part(part);
+            size_t rows = p == lk::Part::down ? l.H() : p == lk::Part::gate_up ? 2 * size_t(l.I()) : l.I();
+            size_t cols = p == lk::Part::down ? l.I() : l.H();
+            auto qt = q.dtype();
+            const bool int4 = l.format().kind == lk::WKind::int4;
+            if (qt.bits != 8 || (int4 ? qt.code != uint8_t(nb::dlpack::dtype_code::Int) : qt.code != uint8_t(nb::dlpack::dtype_code::UInt)))
+              throw nb::type_error(int4 ? "int4 codes must be an int8 array of values in [-8, 7]"
+                                        : "fp8 codes must be a uint8 array of e4m3 bytes (tensor.view(torch.uint8))");
+            size_t ldq = row_stride(q, ("expert " + part + " codes").c_str(), rows, cols);
+            if (scales.dtype() != nb::dtype<float>()) throw nb::type_error("scales must be float32");
+            size_t groups = l.format().group > 0 ? (cols + l.format().group - 1) / l.format().group : 1;
+            size_t lds = row_stride(scales, ("expert " + part + " scales").c_str(), rows, groups);
+            nb::gil_scoped_release release;
+            l.load_quantized(e, p, q.data(), ldq, static_cast<const float*>(scales.data()), lds);
+          },
+          "expert"_a, "part"_a, "codes"_a, "scales"_a,
+          "Pack one expert part of a quantized layer: codes [rows, cols], scales [rows, groups] float32.")
       .def("fill_random", &lk::MoELayer::fill_random, "seed"_a = 0, "scale"_a = 1e-3f,
            nb::call_guard<nb::gil_scoped_release>())
       .def(

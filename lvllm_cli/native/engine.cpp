@@ -102,6 +102,7 @@ struct Engine::Job {
   };
   std::vector<Group> groups;
   std::vector<NodeBuffer> ybuf;  // per worker [CHUNK + slack, 32] fp32
+  std::vector<NodeBuffer> wbuf;  // per worker: one dequantized bf16 panel (quantized layers, many tokens)
   // Per worker: timestamps at phase boundaries (see run_job).
   std::vector<std::array<int64_t, 8>> marks;
 
@@ -124,6 +125,7 @@ Engine::Engine(EngineConfig cfg) : cfg_(std::move(cfg)) {
   job_ = std::make_unique<Job>();
   job_->groups = std::vector<Job::Group>(pool_->num_groups());
   job_->ybuf.resize(pool_->total());
+  job_->wbuf.resize(pool_->total());
   job_->marks.resize(pool_->total());
 }
 
@@ -159,6 +161,12 @@ int worker_node(const Pool& P, int w) {
   return -1;
 }
 
+size_t wbuf_bytes(const MoELayer& L) {
+  size_t K = L.Hp();
+  for (const Slice& s : L.slices()) K = std::max<size_t>(K, s.inp);
+  return panel_elems(K) * 2;
+}
+
 bool fits(const Engine::Job& j, const MoELayer& L, int M, int k) {
   const size_t A = size_t(M) * k;
   if (j.row_token.size() < A || j.slot_row.size() < A || j.count.size() < size_t(L.E())) return false;
@@ -167,6 +175,7 @@ bool fits(const Engine::Job& j, const MoELayer& L, int M, int k) {
     if (j.groups[g].y.size() < std::max<size_t>(A, 1) * y_ld(L.Hp()) * 4) return false;
     if (j.groups[g].hbuf.size() < (A + SLACK_ROWS) * act_ld(L.slices()[g].inp) * j.act) return false;
   }
+  if (L.quantized() && j.wbuf[0].size() < wbuf_bytes(L)) return false;
   return !j.ybuf.empty() && j.ybuf[0].size() > 0;
 }
 }  // namespace
@@ -187,8 +196,10 @@ void Engine::reserve(int tokens, int k, const MoELayer& layer) {
     grow(j.groups[g].hbuf, (A + SLACK_ROWS) * act_ld(layer.slices_[g].inp) * act, node);
     grow(j.groups[g].y, A * y_ld(layer.Hp_) * 4, node);
   }
-  for (int w = 0; w < pool_->total(); ++w)
+  for (int w = 0; w < pool_->total(); ++w) {
     if (j.ybuf[w].size() == 0) j.ybuf[w].reset((CHUNK + SLACK_ROWS) * 32 * 4, worker_node(*pool_, w));
+    if (layer.quantized()) grow(j.wbuf[w], wbuf_bytes(layer), worker_node(*pool_, w));
+  }
   if (j.count.size() < size_t(layer.E_)) {
     j.count.resize(layer.E_);
     j.offset.resize(layer.E_ + 1);
@@ -263,6 +274,35 @@ void gather(Job& j, const WorkerInfo& w, int total) {
   }
 }
 
+// Quantized panels: few tokens widen the weights in registers; from this many
+// on, the panel is dequantized once to bf16 and the bf16 kernels (AMX) run.
+constexpr int DEQUANT_ROWS = 32;
+
+// y = rows of x (n of them, CHUNK at a time) times one panel; `each` gets
+// every chunk's result.
+template <class Each>
+void panel_rows(const Job& j, const WorkerInfo& w, const char* x, size_t ldx, int n, const char* panel, int K, float* y,
+                Each each) {
+  const MoELayer& L = *j.layer;
+  const void* p = panel;
+  if (L.quantized() && n >= DEQUANT_ROWS) {
+    uint16_t* wb = j.wbuf[w.gid].as<uint16_t>();
+    dequant_panel_bf16(L.format().kind, reinterpret_cast<const uint8_t*>(panel), K, L.group_for(K), wb);
+    p = wb;
+  }
+  for (int c0 = 0; c0 < n; c0 += CHUNK) {
+    const int nc = std::min(CHUNK, n - c0);
+    const char* xc = x + size_t(c0) * ldx * j.act;
+    if (p != panel || !L.quantized())
+      j.ks->panel_dot(xc, ldx, nc, p, K, y);
+    else if (L.format().kind == WKind::int4)
+      j.ks->q4_dot(xc, ldx, nc, reinterpret_cast<const uint8_t*>(panel), K, L.group_for(K), y);
+    else
+      j.ks->f8_dot(xc, ldx, nc, reinterpret_cast<const uint8_t*>(panel), K, L.group_for(K), y);
+    each(c0, nc);
+  }
+}
+
 // Item i of a phase is (expert active[i / per], panel i % per): consecutive
 // items stream consecutive panels of one expert.
 void gate_up(Job& j, const WorkerInfo& w, int T) {
@@ -270,7 +310,7 @@ void gate_up(Job& j, const WorkerInfo& w, int T) {
   const Slice& S = L.slices()[w.group];
   const int Hp = L.Hp();
   const int npan = S.inp / 16;  // each w13 panel: 16 gate + 16 up rows
-  const size_t pel = panel_elems(Hp), ldx = act_ld(Hp), ldh = act_ld(S.inp);
+  const size_t pbytes = L.panel_bytes(Hp), ldx = act_ld(Hp), ldh = act_ld(S.inp);
   const char* w13 = S.w13.as<char>();
   const char* xg = j.xg.as<char>();
   char* hbuf = j.groups[w.group].hbuf.as<char>();
@@ -280,13 +320,11 @@ void gate_up(Job& j, const WorkerInfo& w, int T) {
   while (grab(j.groups[w.group].gate_up, items, T, &b, &e)) {
     for (int64_t it = b; it < e; ++it) {
       const int ex = j.active[it / npan], r = int(it % npan);
-      const int n = j.count[ex], off = j.offset[ex];
-      const char* panel = w13 + ((size_t(ex) * npan + r) * pel) * 2;
-      for (int c0 = 0; c0 < n; c0 += CHUNK) {
-        const int nc = std::min(CHUNK, n - c0);
-        j.ks->panel_dot(xg + size_t(off + c0) * ldx * j.act, ldx, nc, panel, Hp, y);
-        j.ks->silu_mul(y, nc, hbuf + (size_t(off + c0) * ldh + size_t(r) * 16) * j.act, ldh);
-      }
+      const int off = j.offset[ex];
+      panel_rows(j, w, xg + size_t(off) * ldx * j.act, ldx, j.count[ex], w13 + (size_t(ex) * npan + r) * pbytes, Hp, y,
+                 [&](int c0, int nc) {
+                   j.ks->silu_mul(y, nc, hbuf + (size_t(off + c0) * ldh + size_t(r) * 16) * j.act, ldh);
+                 });
     }
   }
 }
@@ -296,7 +334,7 @@ void down(Job& j, const WorkerInfo& w, int T) {
   const Slice& S = L.slices()[w.group];
   const int Hp = L.Hp();
   const int npb = Hp / 32;
-  const size_t pel = panel_elems(S.inp), ldh = act_ld(S.inp), ldy = y_ld(Hp);
+  const size_t pbytes = L.panel_bytes(S.inp), ldh = act_ld(S.inp), ldy = y_ld(Hp);
   const char* w2 = S.w2.as<char>();
   const char* hbuf = j.groups[w.group].hbuf.as<char>();
   float* out = j.groups[w.group].y.as<float>();
@@ -306,19 +344,17 @@ void down(Job& j, const WorkerInfo& w, int T) {
   while (grab(j.groups[w.group].down, items, T, &b, &e)) {
     for (int64_t it = b; it < e; ++it) {
       const int ex = j.active[it / npb], blk = int(it % npb);
-      const int n = j.count[ex], off = j.offset[ex];
-      const char* panel = w2 + ((size_t(ex) * npb + blk) * pel) * 2;
-      for (int c0 = 0; c0 < n; c0 += CHUNK) {
-        const int nc = std::min(CHUNK, n - c0);
-        j.ks->panel_dot(hbuf + size_t(off + c0) * ldh * j.act, ldh, nc, panel, S.inp, y);
-        for (int i = 0; i < nc; ++i) {
-          const int row = off + c0 + i;
-          const float wt = j.row_weight[row];
-          float* dst = out + size_t(row) * ldy + size_t(blk) * 32;
-          const float* yi = y + size_t(i) * 32;
-          for (int q = 0; q < 32; ++q) dst[q] = wt * yi[q];
-        }
-      }
+      const int off = j.offset[ex];
+      panel_rows(j, w, hbuf + size_t(off) * ldh * j.act, ldh, j.count[ex], w2 + (size_t(ex) * npb + blk) * pbytes, S.inp, y,
+                 [&](int c0, int nc) {
+                   for (int i = 0; i < nc; ++i) {
+                     const int row = off + c0 + i;
+                     const float wt = j.row_weight[row];
+                     float* dst = out + size_t(row) * ldy + size_t(blk) * 32;
+                     const float* yi = y + size_t(i) * 32;
+                     for (int q = 0; q < 32; ++q) dst[q] = wt * yi[q];
+                   }
+                 });
     }
   }
 }
@@ -455,29 +491,42 @@ void Engine::parallel_for(size_t n, void (*fn)(void*, size_t, size_t, const Work
 // ---------------------------------------------------------------------------
 // Layer: weights and packing.
 
-MoELayer::MoELayer(std::shared_ptr<Engine> engine, int E, int H, int I, DType wtype)
-    : engine_(std::move(engine)), E_(E), H_(H), I_(I), wtype_(wtype) {
+MoELayer::MoELayer(std::shared_ptr<Engine> engine, int E, int H, int I, WeightFormat wf)
+    : engine_(std::move(engine)), E_(E), H_(H), I_(I), wf_(wf) {
   if (E <= 0 || H <= 0 || I <= 0) throw std::invalid_argument("experts, hidden and intermediate sizes must be positive");
-  if (wtype != DType::bf16 && wtype != DType::f16) throw std::invalid_argument("expert weights must be bfloat16 or float16");
-  ks_ = choose_kernels(wtype, engine_->config().isa_cap);
+  if (wf.group < 0 || wf.group % 32 != 0)
+    throw std::invalid_argument("quantization group size must be a positive multiple of 32, or 0 for one scale per row");
+  if (!is_quantized(wf.kind) && wf.group != 0) throw std::invalid_argument("bfloat16/float16 weights take no group size");
+  ks_ = choose_kernels(wf.kind == WKind::f16 ? DType::f16 : DType::bf16, engine_->config().isa_cap);
   if (!ks_) throw std::runtime_error("no kernel for these weights on this CPU");
-  Hp_ = int(round_up(H, K_ALIGN));
+  // K is padded to whole groups (zero weights), so groups never straddle a panel or a node slice.
+  const size_t kalign = wf.group > 0 ? size_t(wf.group) : size_t(K_ALIGN);
+  Hp_ = int(round_up(H, kalign));
   const int groups = engine_->num_groups();
-  // Split I across groups in multiples of 32 so that only the last slice pads.
-  int per = int(round_up((I + groups - 1) / groups, 32));
+  int per = int(round_up((I + groups - 1) / groups, kalign));
   int i0 = 0;
   for (int g = 0; g < groups; ++g) {
     Slice s;
     s.i0 = std::min(i0, I);
     s.in = std::max(0, std::min(per, I - s.i0));
-    s.inp = int(round_up(std::max(s.in, 1), K_ALIGN));
+    s.inp = int(round_up(std::max(s.in, 1), kalign));
     int node = engine_->pool().group_numa_node(g);
-    s.w13.reset(size_t(E) * s.inp * Hp_ * 2 * 2, node);
-    s.w2.reset(size_t(E) * Hp_ * s.inp * 2, node);
+    s.w13.reset(size_t(E) * (s.inp / 16) * panel_bytes(Hp_), node);
+    s.w2.reset(size_t(E) * (Hp_ / 32) * panel_bytes(s.inp), node);
     slices_.push_back(std::move(s));
     i0 += per;
   }
   loaded_.assign(E, 0);
+}
+
+size_t MoELayer::panel_bytes(int K) const {
+  return is_quantized(wf_.kind) ? qpanel_bytes(wf_.kind, K, group_for(K)) : panel_elems(K) * 2;
+}
+
+size_t MoELayer::expert_bytes() const {
+  size_t b = 0;
+  for (const Slice& s : slices_) b += (s.inp / 16) * panel_bytes(Hp_) + (Hp_ / 32) * panel_bytes(s.inp);
+  return b;
 }
 
 size_t MoELayer::packed_bytes() const {
@@ -515,7 +564,7 @@ void pack_gateup_row(MoELayer& L, int e, bool up, int i, const void* row, DType 
   for (const Slice& s : L.slices()) {
     if (i < s.i0 || i >= s.i0 + s.in) continue;
     const int li = i - s.i0, npan = s.inp / 16;
-    uint16_t* panel = s.w13.as<uint16_t>() + (size_t(e) * npan + li / 16) * panel_elems(Hp);
+    uint16_t* panel = reinterpret_cast<uint16_t*>(s.w13.as<char>() + (size_t(e) * npan + li / 16) * L.panel_bytes(Hp));
     const int c = (li % 16) + (up ? 16 : 0);
     for (int k = 0; k < H; ++k) panel[panel_offset(c, k)] = to_w(row, k, st, L.weight_type());
   }
@@ -526,7 +575,7 @@ void pack_down_row(MoELayer& L, int e, int h, const void* row, DType st) {
   const int npb = L.Hp() / 32;
   for (const Slice& s : L.slices()) {
     if (s.in == 0) continue;
-    uint16_t* panel = s.w2.as<uint16_t>() + (size_t(e) * npb + h / 32) * panel_elems(s.inp);
+    uint16_t* panel = reinterpret_cast<uint16_t*>(s.w2.as<char>() + (size_t(e) * npb + h / 32) * L.panel_bytes(s.inp));
     const int c = h % 32;
     for (int li = 0; li < s.in; ++li) panel[panel_offset(c, li)] = to_w(row, s.i0 + li, st, L.weight_type());
   }
@@ -547,6 +596,76 @@ void pack_rows(void* vctx, size_t b, size_t e, const WorkerInfo&) {
   }
 }
 
+// --- quantized parts (quant.h layout) ---------------------------------------
+
+// Output row c of a quantized panel over K: q[k0 .. k0+n) and the scales of
+// its groups (source group g0 onwards).  Columns past n stay zero.
+void put_qrow(const MoELayer& L, char* panel, int K, int c, const uint8_t* q, size_t k0, size_t n, const float* scales,
+              size_t g0) {
+  uint8_t* data = reinterpret_cast<uint8_t*>(panel);
+  if (L.format().kind == WKind::int4) {
+    for (size_t k = 0; k < n; k += 2) {
+      const uint8_t lo = q[k0 + k] & 15, hi = k + 1 < n ? q[k0 + k + 1] & 15 : 0;
+      data[q4_offset(c, k)] = uint8_t(lo | hi << 4);
+    }
+  } else {
+    for (size_t k = 0; k < n; ++k) data[panel_offset(c, k)] = q[k0 + k];
+  }
+  const size_t G = size_t(L.group_for(K));
+  uint16_t* sc = reinterpret_cast<uint16_t*>(panel + qpanel_data_bytes(L.format().kind, K));
+  for (size_t g = 0; g * G < n; ++g) sc[g * 32 + size_t(c)] = f32_to_f16(scales[g0 + g]);
+}
+
+void qpack_gateup_row(MoELayer& L, int e, bool up, int i, const uint8_t* q, const float* scales) {
+  const int Hp = L.Hp();
+  for (const Slice& s : L.slices()) {
+    if (i < s.i0 || i >= s.i0 + s.in) continue;
+    const int li = i - s.i0, npan = s.inp / 16;
+    char* panel = s.w13.as<char>() + (size_t(e) * npan + li / 16) * L.panel_bytes(Hp);
+    put_qrow(L, panel, Hp, (li % 16) + (up ? 16 : 0), q, 0, L.H(), scales, 0);
+  }
+}
+
+void qpack_down_row(MoELayer& L, int e, int h, const uint8_t* q, const float* scales) {
+  const int npb = L.Hp() / 32;
+  // Source groups run along the whole I; a slice starts on a group boundary.
+  const size_t Gsrc = L.format().group > 0 ? size_t(L.format().group) : size_t(L.I());
+  for (const Slice& s : L.slices()) {
+    if (s.in == 0) continue;
+    char* panel = s.w2.as<char>() + (size_t(e) * npb + h / 32) * L.panel_bytes(s.inp);
+    put_qrow(L, panel, s.inp, h % 32, q, s.i0, s.in, scales, s.i0 / Gsrc);
+  }
+}
+
+size_t source_groups(const MoELayer& L, size_t cols) {
+  return L.format().group > 0 ? (cols + L.format().group - 1) / L.format().group : 1;
+}
+
+struct QPackCtx {
+  MoELayer* layer;
+  int e;
+  Part part;
+  const uint8_t* q;
+  size_t ldq;
+  const float* scales;
+  size_t lds;
+};
+
+void qpack_rows(void* vctx, size_t b, size_t e, const WorkerInfo&) {
+  QPackCtx& c = *static_cast<QPackCtx*>(vctx);
+  MoELayer& L = *c.layer;
+  for (size_t r = b; r < e; ++r) {
+    const uint8_t* q = c.q + r * c.ldq;
+    const float* sc = c.scales + r * c.lds;
+    switch (c.part) {
+      case Part::gate: qpack_gateup_row(L, c.e, false, int(r), q, sc); break;
+      case Part::up: qpack_gateup_row(L, c.e, true, int(r), q, sc); break;
+      case Part::gate_up: qpack_gateup_row(L, c.e, r >= size_t(L.I()), int(r % L.I()), q, sc); break;
+      case Part::down: qpack_down_row(L, c.e, int(r), q, sc); break;
+    }
+  }
+}
+
 struct FillCtx {
   MoELayer* layer;
   uint64_t seed;
@@ -558,12 +677,29 @@ void fill_items(void* vctx, size_t b, size_t e, const WorkerInfo&) {
   FillCtx& c = *static_cast<FillCtx*>(vctx);
   MoELayer& L = *c.layer;
   std::vector<float> row(std::max(L.H(), L.I()));
+  std::vector<uint8_t> qrow(row.size());
+  std::vector<float> srow(row.size());
   for (size_t it = b; it < e; ++it) {
     const int ex = c.todo[it].first, part = c.todo[it].second;
     const int rows = part == 2 ? L.H() : L.I();
     const int cols = part == 2 ? L.I() : L.H();
     for (int r = 0; r < rows; ++r) {
       uint64_t s = c.seed ^ (uint64_t(ex) << 40) ^ (uint64_t(part) << 32) ^ uint64_t(r) * 0x100000001b3ull;
+      if (L.quantized()) {
+        // Codes spread over the whole range; scales so that |w| <= scale.
+        const bool fp8 = L.format().kind == WKind::fp8;
+        for (int q = 0; q < cols; ++q) {
+          const uint64_t z = splitmix64(s);
+          qrow[q] = fp8 ? uint8_t((z & 0x80) | (z >> 8) % 0x7f) : uint8_t(z & 15);  // fp8: any but NaN; int4: any code
+        }
+        const float unit = fp8 ? c.scale / 448.0f : c.scale / 7.0f;
+        for (size_t g = 0; g < source_groups(L, cols); ++g) srow[g] = unit;
+        if (part == 2)
+          qpack_down_row(L, ex, r, qrow.data(), srow.data());
+        else
+          qpack_gateup_row(L, ex, part == 1, r, qrow.data(), srow.data());
+        continue;
+      }
       for (int q = 0; q < cols; ++q) {
         double u = double(splitmix64(s) >> 11) * (1.0 / 9007199254740992.0);
         row[q] = float((2.0 * u - 1.0) * c.scale);
@@ -580,11 +716,25 @@ void fill_items(void* vctx, size_t b, size_t e, const WorkerInfo&) {
 
 void MoELayer::load(int e, Part part, const void* src, DType st, size_t ld) {
   if (e < 0 || e >= E_) throw std::invalid_argument("expert id " + std::to_string(e) + " out of range [0, " + std::to_string(E_) + ")");
+  if (quantized())
+    throw std::invalid_argument(std::string("this layer holds ") + wkind_name(wf_.kind) + " weights: use load_quantized");
   size_t rows = part == Part::down ? H_ : part == Part::gate_up ? 2 * size_t(I_) : I_;
   size_t cols = part == Part::down ? I_ : H_;
   if (ld < cols) throw std::invalid_argument("row stride smaller than the row");
   PackCtx ctx{this, e, part, src, st, ld};
   engine_->parallel_for(rows, &pack_rows, &ctx);
+  loaded_[e] |= part == Part::gate ? 1 : part == Part::up ? 2 : part == Part::down ? 4 : 3;
+}
+
+void MoELayer::load_quantized(int e, Part part, const void* q, size_t ldq, const float* scales, size_t lds) {
+  if (e < 0 || e >= E_) throw std::invalid_argument("expert id " + std::to_string(e) + " out of range [0, " + std::to_string(E_) + ")");
+  if (!quantized()) throw std::invalid_argument("this layer holds bfloat16/float16 weights: use load");
+  size_t rows = part == Part::down ? H_ : part == Part::gate_up ? 2 * size_t(I_) : I_;
+  size_t cols = part == Part::down ? I_ : H_;
+  if (ldq < cols) throw std::invalid_argument("row stride of the codes smaller than the row");
+  if (lds < source_groups(*this, cols)) throw std::invalid_argument("row stride of the scales smaller than the groups");
+  QPackCtx ctx{this, e, part, static_cast<const uint8_t*>(q), ldq, scales, lds};
+  engine_->parallel_for(rows, &qpack_rows, &ctx);
   loaded_[e] |= part == Part::gate ? 1 : part == Part::up ? 2 : part == Part::down ? 4 : 3;
 }
 

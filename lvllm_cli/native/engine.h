@@ -102,9 +102,14 @@ struct Slice {
   NodeBuffer w13, w2;
 };
 
+struct WeightFormat {
+  WKind kind = WKind::bf16;
+  int group = 0;  // quantized: scale group along K (0: one group per row, "per channel")
+};
+
 class MoELayer {
  public:
-  MoELayer(std::shared_ptr<Engine> engine, int E, int H, int I, DType wtype);
+  MoELayer(std::shared_ptr<Engine> engine, int E, int H, int I, WeightFormat wf);
   MoELayer(const MoELayer&) = delete;
   MoELayer& operator=(const MoELayer&) = delete;
 
@@ -112,7 +117,14 @@ class MoELayer {
   int H() const { return H_; }
   int I() const { return I_; }
   int Hp() const { return Hp_; }
-  DType weight_type() const { return wtype_; }
+  // Unquantized element type (bf16/f16); quantized layers report bf16 (their dequantized panels).
+  DType weight_type() const { return wf_.kind == WKind::f16 ? DType::f16 : DType::bf16; }
+  const WeightFormat& format() const { return wf_; }
+  bool quantized() const { return is_quantized(wf_.kind); }
+  int group_for(int K) const { return wf_.group > 0 ? wf_.group : K; }
+  size_t panel_bytes(int K) const;  // one panel of 32 rows x K, scales included
+  // out-of-cache bytes of expert e's weights in one slice; for the benchmark's bandwidth figures
+  size_t expert_bytes() const;
   const KernelSet* kernels() const { return ks_; }
   Engine& engine() const { return *engine_; }
   const std::vector<Slice>& slices() const { return slices_; }
@@ -125,6 +137,9 @@ class MoELayer {
   // Random weights (uniform in [-scale, scale]) for every expert part not
   // loaded yet; padding stays zero.  Used for --load-format dummy.
   void fill_random(uint64_t seed, float scale);
+  // Quantized parts: q [rows, cols] (int4: int8 values in [-8, 7]; fp8: e4m3
+  // bytes), scales [rows, ceil(cols / group)] float32.  Same parts as load().
+  void load_quantized(int e, Part part, const void* q, size_t ldq, const float* scales, size_t lds);
   // Bit mask per expert: 1 gate, 2 up, 4 down.
   const std::vector<uint8_t>& loaded() const { return loaded_; }
   bool complete() const;
@@ -136,7 +151,7 @@ class MoELayer {
   friend class Engine;
   std::shared_ptr<Engine> engine_;
   int E_, H_, I_, Hp_;
-  DType wtype_;
+  WeightFormat wf_;
   const KernelSet* ks_;
   std::vector<Slice> slices_;
   std::vector<uint8_t> loaded_;

@@ -11,6 +11,7 @@
 
 #include "common.h"
 #include "cpu_features.h"
+#include "quant.h"
 
 namespace lk {
 
@@ -35,7 +36,21 @@ struct KernelSet {
   void (*panel_dot)(const void* x, size_t ldx, int n, const void* panel, int K, float* y);
   // h[t*ldh + c] = silu(y[t*32 + c]) * y[t*32 + 16 + c], c < 16, stored in act format.
   void (*silu_mul)(const float* y, int n, void* h, size_t ldh);
+  // The same product on quantized panels (quant.h), x in `act` format, group G
+  // (K a multiple of G).  Decode path: weights are widened in registers.
+  void (*q4_dot)(const void* x, size_t ldx, int n, const uint8_t* panel, int K, int G, float* y) = nullptr;
+  void (*f8_dot)(const void* x, size_t ldx, int n, const uint8_t* panel, int K, int G, float* y) = nullptr;
 };
+
+// Portable quantized kernels for either activation format (kernels.cpp).
+void q4_dot_f32(const void* x, size_t ldx, int n, const uint8_t* panel, int K, int G, float* y);
+void q4_dot_bf16(const void* x, size_t ldx, int n, const uint8_t* panel, int K, int G, float* y);
+void f8_dot_f32(const void* x, size_t ldx, int n, const uint8_t* panel, int K, int G, float* y);
+void f8_dot_bf16(const void* x, size_t ldx, int n, const uint8_t* panel, int K, int G, float* y);
+
+// A quantized panel as a bf16 panel, scales applied (the many-token path:
+// dequantize once, then run the bf16 kernels, AMX included).
+void dequant_panel_bf16(WKind kind, const uint8_t* panel, int K, int G, uint16_t* out);
 
 // The kernels for this ISA family and weight type, or nullptr when the pair
 // does not exist (e.g. fp16 weights have no bf16-dot family).
@@ -54,5 +69,7 @@ extern const KernelSet* const kAmxSets[2];
 // Used by the AMX family for the rows that do not fill a tile.
 void avx512bf16_panel_dot(const void* x, size_t ldx, int n, const void* panel, int K, float* y);
 void avx512bf16_silu_mul(const float* y, int n, void* h, size_t ldh);
+void avx512bf16_q4_dot(const void* x, size_t ldx, int n, const uint8_t* panel, int K, int G, float* y);
+void avx512bf16_f8_dot(const void* x, size_t ldx, int n, const uint8_t* panel, int K, int G, float* y);
 
 }  // namespace lk

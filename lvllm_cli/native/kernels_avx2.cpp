@@ -77,7 +77,7 @@ void silu_mul(const float* y, int n, void* hv, size_t ldh) {
     }
 }
 
-const KernelSet kBf16{Isa::avx2, "avx2", DType::bf16, DType::f32, panel_dot_bf16, silu_mul};
+const KernelSet kBf16{Isa::avx2, "avx2", DType::bf16, DType::f32, panel_dot_bf16, silu_mul, q4_dot_f32, f8_dot_f32};
 const KernelSet kF16{Isa::avx2, "avx2", DType::f16, DType::f32, panel_dot_f16, silu_mul};
 
 }  // namespace

@@ -28,8 +28,96 @@ void dot(const uint16_t* x, size_t ldx, const uint16_t* p, int K, float* y) {
   }
 }
 
+// --- quantized panels, widened to bf16 in registers (decode path) ---------
+
+// int4: lane c of the result holds the bf16 pair (q[c, 2j], q[c, 2j+1]).
+struct Q4Lut {
+  __m512i lut;  // bf16 bits of the nibble's two's complement value, one per 32-bit lane
+  Q4Lut() {
+    alignas(64) int v[16];
+    for (int n = 0; n < 16; ++n) v[n] = f32_to_bf16(float(q4_value(uint8_t(n))));
+    lut = _mm512_load_si512(v);
+  }
+};
+
+static inline __m512i q4_pairs(const uint8_t* p16, __m512i lut) {
+  const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p16)));
+  const __m512i lo = _mm512_permutexvar_epi32(_mm512_and_si512(v, _mm512_set1_epi32(15)), lut);
+  const __m512i hi = _mm512_permutexvar_epi32(_mm512_srli_epi32(v, 4), lut);
+  return _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16));
+}
+
+// fp8 e4m3 -> bf16, 32 values: rebias the exponent; subnormals from a table.
+struct F8Lut {
+  __m512i sub;  // bf16 bits of m / 512 for m = 0..7 (16-bit lanes; the rest unused)
+  F8Lut() {
+    alignas(64) uint16_t v[32] = {0};
+    for (int m = 0; m < 8; ++m) v[m] = f32_to_bf16(float(m) / 512.0f);
+    sub = _mm512_load_si512(v);
+  }
+};
+
+static inline __m512i f8_to_bf16(const uint8_t* p32, __m512i sub) {
+  const __m512i b = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p32)));
+  const __m512i sign = _mm512_slli_epi16(_mm512_and_si512(b, _mm512_set1_epi16(0x80)), 8);
+  const __m512i em = _mm512_and_si512(b, _mm512_set1_epi16(0x7f));
+  const __m512i normal = _mm512_add_epi16(_mm512_slli_epi16(em, 4), _mm512_set1_epi16(120 << 7));
+  const __mmask32 tiny = _mm512_cmplt_epu16_mask(em, _mm512_set1_epi16(8));
+  const __m512i mag = _mm512_mask_blend_epi16(tiny, normal, _mm512_permutexvar_epi16(em, sub));
+  return _mm512_or_si512(mag, sign);
+}
+
+template <int MT, bool FP8>
+void qdot(const uint16_t* x, size_t ldx, const uint8_t* p, int K, int G, float* y) {
+  static const Q4Lut q4;
+  static const F8Lut f8;
+  const uint16_t* sc = reinterpret_cast<const uint16_t*>(p + qpanel_data_bytes(FP8 ? WKind::fp8 : WKind::int4, K));
+  __m512 acc0[MT], acc1[MT];
+  for (int t = 0; t < MT; ++t) acc0[t] = acc1[t] = _mm512_setzero_ps();
+  for (int g = 0; g < K / G; ++g) {
+    __m512 a0[MT], a1[MT];
+    for (int t = 0; t < MT; ++t) a0[t] = a1[t] = _mm512_setzero_ps();
+    for (int j = g * G / 2; j < (g + 1) * G / 2; ++j) {
+      __m512bh w0, w1;
+      if constexpr (FP8) {
+        const uint8_t* pj = p + size_t(j) * 64;
+        w0 = (__m512bh)f8_to_bf16(pj, f8.sub);
+        w1 = (__m512bh)f8_to_bf16(pj + 32, f8.sub);
+      } else {
+        const uint8_t* pj = p + size_t(j) * 32;
+        w0 = (__m512bh)q4_pairs(pj, q4.lut);
+        w1 = (__m512bh)q4_pairs(pj + 16, q4.lut);
+      }
+      for (int t = 0; t < MT; ++t) {
+        const __m512bh xb = (__m512bh)_mm512_set1_epi32(*reinterpret_cast<const int*>(x + t * ldx + 2 * j));
+        a0[t] = _mm512_dpbf16_ps(a0[t], w0, xb);
+        a1[t] = _mm512_dpbf16_ps(a1[t], w1, xb);
+      }
+    }
+    const __m512 s0 = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sc + size_t(g) * 32)));
+    const __m512 s1 = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sc + size_t(g) * 32 + 16)));
+    for (int t = 0; t < MT; ++t) {
+      acc0[t] = _mm512_fmadd_ps(a0[t], s0, acc0[t]);
+      acc1[t] = _mm512_fmadd_ps(a1[t], s1, acc1[t]);
+    }
+  }
+  for (int t = 0; t < MT; ++t) {
+    _mm512_storeu_ps(y + t * 32, acc0[t]);
+    _mm512_storeu_ps(y + t * 32 + 16, acc1[t]);
+  }
+}
+
+template <bool FP8>
+void qdot_n(const void* xv, size_t ldx, int n, const uint8_t* p, int K, int G, float* y) {
+  const uint16_t* x = static_cast<const uint16_t*>(xv);
+  int t = 0;
+  for (; t + 4 <= n; t += 4) qdot<4, FP8>(x + t * ldx, ldx, p, K, G, y + t * 32);
+  if (t + 2 <= n) { qdot<2, FP8>(x + t * ldx, ldx, p, K, G, y + t * 32); t += 2; }
+  if (t < n) qdot<1, FP8>(x + t * ldx, ldx, p, K, G, y + t * 32);
+}
+
 const KernelSet kBf16{Isa::avx512_bf16, "avx512_bf16", DType::bf16, DType::bf16, avx512bf16_panel_dot,
-                      avx512bf16_silu_mul};
+                      avx512bf16_silu_mul, avx512bf16_q4_dot, avx512bf16_f8_dot};
 
 }  // namespace
 
@@ -41,6 +129,14 @@ void avx512bf16_panel_dot(const void* xv, size_t ldx, int n, const void* pv, int
   if (t + 4 <= n) { dot<4>(x + t * ldx, ldx, p, K, y + t * 32); t += 4; }
   if (t + 2 <= n) { dot<2>(x + t * ldx, ldx, p, K, y + t * 32); t += 2; }
   if (t < n) dot<1>(x + t * ldx, ldx, p, K, y + t * 32);
+}
+
+void avx512bf16_q4_dot(const void* x, size_t ldx, int n, const uint8_t* p, int K, int G, float* y) {
+  qdot_n<false>(x, ldx, n, p, K, G, y);
+}
+
+void avx512bf16_f8_dot(const void* x, size_t ldx, int n, const uint8_t* p, int K, int G, float* y) {
+  qdot_n<true>(x, ldx, n, p, K, G, y);
 }
 
 void avx512bf16_silu_mul(const float* y, int n, void* hv, size_t ldh) {

@@ -39,7 +39,8 @@ void silu_mul(const float* y, int n, void* hv, size_t ldh) {
     }
 }
 
-const KernelSet kBf16{Isa::scalar, "scalar", DType::bf16, DType::f32, panel_dot<DType::bf16>, silu_mul};
+const KernelSet kBf16{Isa::scalar, "scalar", DType::bf16, DType::f32, panel_dot<DType::bf16>, silu_mul, q4_dot_f32,
+                      f8_dot_f32};
 const KernelSet kF16{Isa::scalar, "scalar", DType::f16, DType::f32, panel_dot<DType::f16>, silu_mul};
 
 }  // namespace
