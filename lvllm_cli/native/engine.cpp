@@ -287,7 +287,8 @@ void panel_rows(const Job& j, const WorkerInfo& w, const char* x, size_t ldx, in
   const void* p = panel;
   if (L.quantized() && n >= DEQUANT_ROWS) {
     uint16_t* wb = j.wbuf[w.gid].as<uint16_t>();
-    dequant_panel_bf16(L.format().kind, reinterpret_cast<const uint8_t*>(panel), K, L.group_for(K), wb);
+    (j.ks->dequant ? j.ks->dequant : dequant_panel_bf16)(L.format().kind, reinterpret_cast<const uint8_t*>(panel), K,
+                                                        L.group_for(K), wb);
     p = wb;
   }
   for (int c0 = 0; c0 < n; c0 += CHUNK) {

@@ -40,6 +40,8 @@ struct KernelSet {
   // (K a multiple of G).  Decode path: weights are widened in registers.
   void (*q4_dot)(const void* x, size_t ldx, int n, const uint8_t* panel, int K, int G, float* y) = nullptr;
   void (*f8_dot)(const void* x, size_t ldx, int n, const uint8_t* panel, int K, int G, float* y) = nullptr;
+  // Quantized panel -> bf16 panel with scales applied; null: dequant_panel_bf16.
+  void (*dequant)(WKind kind, const uint8_t* panel, int K, int G, uint16_t* out) = nullptr;
 };
 
 // Portable quantized kernels for either activation format (kernels.cpp).
@@ -71,5 +73,6 @@ void avx512bf16_panel_dot(const void* x, size_t ldx, int n, const void* panel, i
 void avx512bf16_silu_mul(const float* y, int n, void* h, size_t ldh);
 void avx512bf16_q4_dot(const void* x, size_t ldx, int n, const uint8_t* panel, int K, int G, float* y);
 void avx512bf16_f8_dot(const void* x, size_t ldx, int n, const uint8_t* panel, int K, int G, float* y);
+void avx512bf16_dequant(WKind kind, const uint8_t* panel, int K, int G, uint16_t* out);
 
 }  // namespace lk

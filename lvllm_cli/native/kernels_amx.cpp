@@ -98,7 +98,7 @@ void panel_dot(const void* xv, size_t ldx, int n, const void* pv, int K, float* 
 }
 
 const KernelSet kBf16{Isa::amx, "amx", DType::bf16, DType::bf16, panel_dot, avx512bf16_silu_mul, avx512bf16_q4_dot,
-                      avx512bf16_f8_dot};
+                      avx512bf16_f8_dot, avx512bf16_dequant};
 
 }  // namespace
 

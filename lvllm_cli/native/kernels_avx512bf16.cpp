@@ -107,6 +107,39 @@ void qdot(const uint16_t* x, size_t ldx, const uint8_t* p, int K, int G, float* 
   }
 }
 
+// bf16 weights (16 rows x 2 k per register, as 32 bf16) times 16 per-row
+// scales, rounded back to bf16: the even and odd k of each row share a scale.
+static inline __m512i scale_pairs(__m512i w, __m512 s) {
+  const __m512 lo = _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+  const __m512 hi = _mm512_castsi512_ps(_mm512_and_si512(w, _mm512_set1_epi32(int(0xffff0000u))));
+  const __m512i l = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(lo, s)));
+  const __m512i h = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(hi, s)));
+  return _mm512_or_si512(l, _mm512_slli_epi32(h, 16));
+}
+
+template <bool FP8>
+void dequant(const uint8_t* p, int K, int G, uint16_t* out) {
+  static const Q4Lut q4;
+  static const F8Lut f8;
+  const uint16_t* sc = reinterpret_cast<const uint16_t*>(p + qpanel_data_bytes(FP8 ? WKind::fp8 : WKind::int4, K));
+  for (int g = 0; g < K / G; ++g) {
+    const __m512 s0 = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sc + size_t(g) * 32)));
+    const __m512 s1 = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sc + size_t(g) * 32 + 16)));
+    for (int j = g * G / 2; j < (g + 1) * G / 2; ++j) {
+      __m512i w0, w1;
+      if constexpr (FP8) {
+        w0 = f8_to_bf16(p + size_t(j) * 64, f8.sub);
+        w1 = f8_to_bf16(p + size_t(j) * 64 + 32, f8.sub);
+      } else {
+        w0 = q4_pairs(p + size_t(j) * 32, q4.lut);
+        w1 = q4_pairs(p + size_t(j) * 32 + 16, q4.lut);
+      }
+      _mm512_storeu_si512(out + size_t(j) * 64, scale_pairs(w0, s0));
+      _mm512_storeu_si512(out + size_t(j) * 64 + 32, scale_pairs(w1, s1));
+    }
+  }
+}
+
 template <bool FP8>
 void qdot_n(const void* xv, size_t ldx, int n, const uint8_t* p, int K, int G, float* y) {
   const uint16_t* x = static_cast<const uint16_t*>(xv);
@@ -117,7 +150,7 @@ void qdot_n(const void* xv, size_t ldx, int n, const uint8_t* p, int K, int G, f
 }
 
 const KernelSet kBf16{Isa::avx512_bf16, "avx512_bf16", DType::bf16, DType::bf16, avx512bf16_panel_dot,
-                      avx512bf16_silu_mul, avx512bf16_q4_dot, avx512bf16_f8_dot};
+                      avx512bf16_silu_mul, avx512bf16_q4_dot, avx512bf16_f8_dot, avx512bf16_dequant};
 
 }  // namespace
 
@@ -137,6 +170,13 @@ void avx512bf16_q4_dot(const void* x, size_t ldx, int n, const uint8_t* p, int K
 
 void avx512bf16_f8_dot(const void* x, size_t ldx, int n, const uint8_t* p, int K, int G, float* y) {
   qdot_n<true>(x, ldx, n, p, K, G, y);
+}
+
+void avx512bf16_dequant(WKind kind, const uint8_t* p, int K, int G, uint16_t* out) {
+  if (kind == WKind::fp8)
+    dequant<true>(p, K, G, out);
+  else
+    dequant<false>(p, K, G, out);
 }
 
 void avx512bf16_silu_mul(const float* y, int n, void* hv, size_t ldh) {
