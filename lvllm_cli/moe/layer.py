@@ -23,6 +23,7 @@ from lvllm_cli.moe import native
 from lvllm_cli.moe.placement import Group, Settings, default_groups, plan_groups, local_topology, settings_from_env
 
 WEIGHT_DTYPES = ("bfloat16", "float16")
+QUANT_FORMATS = ("int4", "fp8")
 PARTS = ("gate", "up", "gate_up", "down")
 
 _engines: dict[Any, Any] = {}
@@ -107,6 +108,7 @@ class MoELayer:
         engine: Any = None,
         isa: str | None = None,
         _shape: tuple[int, int, int, str] | None = None,
+        group_size: int = 0,
     ):
         lk = native.load()
         if _shape is None:
@@ -125,27 +127,33 @@ class MoELayer:
                 raise TypeError(f"w13 is {dtype} but w2 is {_weight_dtype_of(w2)}")
         else:
             E, H, I, dtype = _shape
-        if dtype not in WEIGHT_DTYPES:
-            raise ValueError(f"weight dtype must be one of {WEIGHT_DTYPES}, got {dtype!r}")
+        if dtype not in WEIGHT_DTYPES + QUANT_FORMATS:
+            raise ValueError(f"weight dtype must be one of {WEIGHT_DTYPES + QUANT_FORMATS}, got {dtype!r}")
         self.engine = engine or get_engine(threads=threads, nodes=nodes, virtual_nodes=virtual_nodes, isa=isa)
-        self._native = lk.MoELayer(self.engine, E, H, I, dtype)
+        self._native = lk.MoELayer(self.engine, E, H, I, dtype, int(group_size))
         if _shape is None:
             for e in range(E):
                 self.load_expert(e, "gate_up", w13[e])
                 self.load_expert(e, "down", w2[e])
 
     @classmethod
-    def empty(cls, experts: int, hidden: int, intermediate: int, dtype: str = "bfloat16", **kwargs) -> "MoELayer":
+    def empty(cls, experts: int, hidden: int, intermediate: int, dtype: str = "bfloat16", *, group_size: int = 0,
+              **kwargs) -> "MoELayer":
+        """Weights to be loaded expert by expert.  dtype: bfloat16, float16, int4 or fp8 (e4m3);
+        quantized layers take a scale group along the input dimension (0: one scale per row)."""
         for name, v in (("experts", experts), ("hidden", hidden), ("intermediate", intermediate)):
             if int(v) <= 0:
                 raise ValueError(f"{name} must be positive, got {v}")
-        return cls(_shape=(int(experts), int(hidden), int(intermediate), str(dtype).replace("torch.", "")), **kwargs)
+        return cls(_shape=(int(experts), int(hidden), int(intermediate), str(dtype).replace("torch.", "")),
+                   group_size=group_size, **kwargs)
 
     # -- facts ---------------------------------------------------------------
     experts = property(lambda self: self._native.experts)
     hidden = property(lambda self: self._native.hidden)
     intermediate = property(lambda self: self._native.intermediate)
     weight_dtype = property(lambda self: self._native.weight_dtype)
+    weight_format = property(lambda self: self._native.weight_format, doc="bfloat16, float16, int4 or fp8_e4m3")
+    group_size = property(lambda self: self._native.group_size)
     kernel = property(lambda self: self._native.kernel, doc="kernel family that runs (amx, avx512_bf16, avx512, avx2, scalar)")
     packed_bytes = property(lambda self: self._native.packed_bytes)
     slices = property(lambda self: self._native.slices, doc="(first, count) of the intermediate rows held by each node group")
@@ -163,6 +171,36 @@ class MoELayer:
         if not 0 <= int(expert) < self.experts:
             raise ValueError(f"expert {expert} out of range [0, {self.experts})")
         self._native.load(int(expert), part, _cpu_array(weights, f"expert {expert} {part} weights"))
+
+    def load_expert_quantized(self, expert: int, part: str, codes: Any, scales: Any) -> None:
+        """Pack one part of a quantized layer in the canonical form of lvllm_cli.moe.quant_formats:
+        codes [out, in] (int4: int8 in [-8, 7]; fp8: e4m3 as uint8 or float8_e4m3fn), scales [out, groups]."""
+        import numpy as np
+
+        if part not in PARTS:
+            raise ValueError(f"part must be one of {PARTS}, got {part!r}")
+        if not 0 <= int(expert) < self.experts:
+            raise ValueError(f"expert {expert} out of range [0, {self.experts})")
+        if self.weight_format not in ("int4", "fp8_e4m3"):
+            raise ValueError(f"this layer holds {self.weight_format} weights: use load_expert")
+        if _is_torch(codes):
+            codes = codes.detach().cpu()
+            if str(codes.dtype).startswith("torch.float8"):
+                import torch
+
+                codes = codes.view(torch.uint8)
+            codes = codes.numpy()
+        codes = np.asarray(codes)
+        if self.weight_format == "int4":
+            if codes.dtype != np.int8:
+                raise TypeError(f"int4 codes must be int8, got {codes.dtype}")
+            if codes.size and (codes.min() < -8 or codes.max() > 7):
+                bad = np.argwhere((codes < -8) | (codes > 7))[0]
+                raise ValueError(f"int4 code {int(codes[tuple(bad)])} at {tuple(int(v) for v in bad)} is outside [-8, 7]")
+        if _is_torch(scales):
+            scales = scales.detach().cpu().float().numpy()
+        scales = np.ascontiguousarray(np.asarray(scales, dtype=np.float32))
+        self._native.load_quantized(int(expert), part, codes, scales)
 
     def fill_random(self, seed: int = 0, scale: float = 1e-3) -> None:
         """Random weights in [-scale, scale] for every part not loaded yet (vLLM's --load-format dummy)."""
