@@ -20,6 +20,7 @@ def moe(
     threads: Optional[int] = typer.Option(None, "--threads", "-t", help="Worker threads (default: one per physical core, or LK_THREADS)."),
     virtual_nodes: Optional[int] = typer.Option(None, "--virtual-nodes", help="Split the workers into N groups as if they were NUMA nodes."),
     passes: int = typer.Option(3, "--passes", help="Timed passes over all layers."),
+    dtype: List[str] = typer.Option(["bfloat16"], "--dtype", help="Expert weights (repeatable): bfloat16, int4 (group 128), fp8 (128-blocks)."),
     no_torch: bool = typer.Option(False, "--no-torch", help="Skip the PyTorch reference."),
     as_json: bool = typer.Option(False, "--json", help="Print the rows as JSON."),
 ) -> None:
@@ -41,7 +42,7 @@ def moe(
         with err.status("starting") as status:
             bandwidth, rows = bench_moe(
                 models, {"decode": decode, "prefill": prefill}, threads=threads, virtual_nodes=virtual_nodes,
-                passes=passes, with_torch=not no_torch, progress=lambda s: (status.update(s), err.log(s)),
+                passes=passes, with_torch=not no_torch, dtypes=tuple(dtype), progress=lambda s: (status.update(s), err.log(s)),
             )
     except (ValueError, MemoryError, EngineUnavailable) as exc:
         from rich.markup import escape
@@ -52,10 +53,10 @@ def moe(
         typer.echo(json.dumps({"bandwidth_gbps": round(bandwidth, 1), "rows": rows_as_dicts(rows)}, indent=2))
         return
     t = Table(title=f"lk_moe, {rows[0].threads if rows else '?'} threads, read bandwidth {bandwidth:.1f} GB/s")
-    for col in ("model", "mode", "tokens", "layers", "kernel", "us/layer", "GB/s", "% of bw", "TFLOP/s", "torch us", "x torch"):
-        t.add_column(col, justify="right" if col not in ("model", "mode", "kernel") else "left")
+    for col in ("model", "dtype", "mode", "tokens", "layers", "kernel", "us/layer", "GB/s", "% of bw", "TFLOP/s", "torch us", "x torch"):
+        t.add_column(col, justify="right" if col not in ("model", "dtype", "mode", "kernel") else "left")
     for r in rows:
-        t.add_row(r.model, r.mode, str(r.tokens), str(r.layers), r.kernel, f"{r.us_per_layer:.0f}", f"{r.gbps:.1f}",
+        t.add_row(r.model, r.dtype, r.mode, str(r.tokens), str(r.layers), r.kernel, f"{r.us_per_layer:.0f}", f"{r.gbps:.1f}",
                   f"{r.pct_of_bandwidth:.0f}%", f"{r.tflops:.2f}",
                   "-" if r.torch_us_per_layer is None else f"{r.torch_us_per_layer:.0f}",
                   "-" if r.torch_ratio is None else f"{r.torch_ratio:.2f}")

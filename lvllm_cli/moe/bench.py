@@ -21,6 +21,7 @@ MODEL_SHAPES = {
     "qwen3-next-80b": (2048, 512, 512, 10),
 }
 DEFAULT_TOKENS = {"decode": [1], "prefill": [128, 1024]}
+WEIGHT_FORMATS = {"bfloat16": 0, "int4": 128, "fp8": 128}  # dtype -> scale group along K (the common checkpoints')
 MIN_WORKING_SET = 4 << 30  # bytes; and >= 8x L3
 
 
@@ -40,6 +41,7 @@ class Row:
     torch_ratio: float | None  # torch time / engine time (> 1: engine faster)
     bandwidth_gbps: float
     phases_us: dict | None = None  # engine phase times per call (see EngineStats)
+    dtype: str = "bfloat16"  # expert weights: bfloat16, int4 (group 128) or fp8 (128-blocks)
 
 
 def expert_bytes(hidden: int, inter: int, dtype_bytes: int = 2) -> int:
@@ -107,6 +109,7 @@ def bench_moe(
     virtual_nodes: int | None = None,
     passes: int = 3,
     with_torch: bool = True,
+    dtypes: tuple[str, ...] = ("bfloat16",),
     l3_bytes: int | None = None,
     free_bytes: int | None = None,
     progress: Callable[[str], None] = lambda s: None,
@@ -122,6 +125,9 @@ def bench_moe(
     for m in models:
         if m not in MODEL_SHAPES:
             raise ValueError(f"unknown model shape {m!r}; known: {', '.join(MODEL_SHAPES)}")
+    for d in dtypes:
+        if d not in WEIGHT_FORMATS:
+            raise ValueError(f"unknown expert dtype {d!r}; known: {', '.join(WEIGHT_FORMATS)}")
     if l3_bytes is None:
         from lvllm_cli.probe import probe
 
@@ -168,46 +174,63 @@ def bench_moe(
                     torch_us[t] = _median_us(ns)
                     progress(f"{name} {mode} M={t}: torch {torch_us[t]:.0f} us/layer")
                 del tl
-            progress(f"{name}: packing {nl} layers x {layer_bytes / 2**30:.2f} GiB for the engine")
-            layers = []
-            for i in range(nl):
-                layer = MoELayer.empty(E, H, I, "bfloat16", engine=engine)
-                layer.fill_random(seed=i + 1, scale=1.0 / math.sqrt(H))
-                layers.append(layer)
-            for mode, t in cases:
-                x = torch.randn(t, H).to(torch.bfloat16)
-                out = torch.empty_like(x)
-                ids, tw = routing(t, E, k, seed=t)
-                args = (x.data_ptr(), "bfloat16", ids.data_ptr(), False, tw.data_ptr(), t, k, out.data_ptr(), "bfloat16",
-                        ROUTING_STEPS)
-                lk.time_layers([l.native for l in layers], *args, 1)  # warm-up pass
-                engine.reset_stats()
-                ns = lk.time_layers([l.native for l in layers], *args, max(passes, 5 if t == 1 else passes))
-                st = engine.stats()
-                phases = {k2: round(v / max(st["calls"], 1) / 1e3, 1) for k2, v in st["phase_ns"].items()}
-                us = _median_us(ns)
-                # Weight bytes one call streams: its distinct experts (averaged over the routings).
-                active = sum(int(torch.unique(ids[s]).numel()) for s in range(ROUTING_STEPS)) / ROUTING_STEPS
-                streamed = active * expert_bytes(H, I)
-                gbps = streamed / (us * 1e-6) / 1e9
-                flops = 2 * t * k * 3 * H * I
-                tus = torch_us.get(t)
-                rows.append(
-                    Row(
-                        model=name, mode=mode, tokens=t, layers=nl, threads=nthreads, kernel=layers[0].kernel,
-                        us_per_layer=round(us, 1), gbps=round(gbps, 1), pct_of_bandwidth=round(100 * gbps / bandwidth, 1),
-                        tflops=round(flops / (us * 1e-6) / 1e12, 3),
-                        torch_us_per_layer=round(tus, 1) if tus else None,
-                        torch_ratio=round(tus / us, 2) if tus else None,
-                        bandwidth_gbps=round(bandwidth, 1),
-                        phases_us=phases,
-                    )
-                )
-                progress(f"{name} {mode} M={t}: {us:.0f} us/layer, {gbps:.1f} GB/s ({100 * gbps / bandwidth:.0f}% of bandwidth)")
-            del layers
+            for dtype in dtypes:
+                rows += _time_engine(lk, engine, name, dtype, cases, torch_us, bandwidth, l3_bytes, free_bytes, passes,
+                                     progress)
     finally:
         torch.set_num_threads(prev_threads)
     return bandwidth, rows
+
+
+def _time_engine(lk, engine, name, dtype, cases, torch_us, bandwidth, l3_bytes, free_bytes, passes, progress) -> list[Row]:
+    import torch
+
+    from lvllm_cli.moe import MoELayer
+
+    H, I, E, k = MODEL_SHAPES[name]
+    group = WEIGHT_FORMATS[dtype]
+    probe_layer = MoELayer.empty(E, H, I, dtype, group_size=group, engine=engine)
+    per_expert = probe_layer.native.expert_bytes  # packed bytes one expert streams (scales included)
+    del probe_layer
+    nl = layers_for(E * per_expert, l3_bytes, free_bytes)
+    progress(f"{name} {dtype}: packing {nl} layers x {E * per_expert / 2**30:.2f} GiB for the engine")
+    layers = []
+    for i in range(nl):
+        layer = MoELayer.empty(E, H, I, dtype, group_size=group, engine=engine)
+        layer.fill_random(seed=i + 1, scale=1.0 / math.sqrt(H))
+        layers.append(layer)
+    rows = []
+    for mode, t in cases:
+        x = torch.randn(t, H).to(torch.bfloat16)
+        out = torch.empty_like(x)
+        ids, tw = routing(t, E, k, seed=t)
+        args = (x.data_ptr(), "bfloat16", ids.data_ptr(), False, tw.data_ptr(), t, k, out.data_ptr(), "bfloat16",
+                ROUTING_STEPS)
+        lk.time_layers([l.native for l in layers], *args, 1)  # warm-up pass
+        engine.reset_stats()
+        ns = lk.time_layers([l.native for l in layers], *args, max(passes, 5 if t == 1 else passes))
+        st = engine.stats()
+        phases = {k2: round(v / max(st["calls"], 1) / 1e3, 1) for k2, v in st["phase_ns"].items()}
+        us = _median_us(ns)
+        # Weight bytes one call streams: its distinct experts (averaged over the routings).
+        active = sum(int(torch.unique(ids[s]).numel()) for s in range(ROUTING_STEPS)) / ROUTING_STEPS
+        gbps = active * per_expert / (us * 1e-6) / 1e9
+        flops = 2 * t * k * 3 * H * I
+        tus = torch_us.get(t) if dtype == "bfloat16" else None
+        rows.append(
+            Row(
+                model=name, mode=mode, tokens=t, layers=nl, threads=engine.threads, kernel=layers[0].kernel,
+                us_per_layer=round(us, 1), gbps=round(gbps, 1), pct_of_bandwidth=round(100 * gbps / bandwidth, 1),
+                tflops=round(flops / (us * 1e-6) / 1e12, 3),
+                torch_us_per_layer=round(tus, 1) if tus else None,
+                torch_ratio=round(tus / us, 2) if tus else None,
+                bandwidth_gbps=round(bandwidth, 1),
+                phases_us=phases,
+                dtype=dtype,
+            )
+        )
+        progress(f"{name} {dtype} {mode} M={t}: {us:.0f} us/layer, {gbps:.1f} GB/s ({100 * gbps / bandwidth:.0f}% of bandwidth)")
+    return rows
 
 
 def bench_moe_decode(hidden: int, inter: int, experts: int, topk: int, threads: int, cpus=None, seconds: float = 2.0) -> float:
