@@ -119,3 +119,33 @@ def test_cuda_driver_detection_matches_the_loader():
     if not present:
         with pytest.raises(RuntimeError, match="CUDA driver"):
             lk.enqueue_submit(0, 0)
+
+
+def test_callback_thread_is_kept_off_worker_cores():
+    """CUDA's callback thread submits and waits; it must not share a core with a pinned worker."""
+    import os
+
+    allowed = sorted(os.sched_getaffinity(0))
+    worker_cpu = allowed[0]
+    eng = lk.Engine([(-1, [worker_cpu])], 200, "scalar")
+    x, w13, w2, ids, tw = random_problem(3, 2, 8, 64, 32, seed=2)
+    layer = MoELayer(w13, w2, engine=eng)
+    st = Staging(3, 64, 2, torch.bfloat16, pin=False)
+    st.x.copy_(x), st.ids.copy_(ids), st.weights.copy_(tw)
+    seen = {}
+
+    def callback_thread():
+        call = lk.make_host_call(layer.native, st.x.data_ptr(), "bfloat16", st.ids.data_ptr(), False,
+                                 st.weights.data_ptr(), 3, 2, st.out.data_ptr(), "bfloat16", True)
+        lk.run_hostfn_submit(call)
+        lk.run_hostfn_wait(call)
+        seen["affinity"] = os.sched_getaffinity(0)
+
+    t = threading.Thread(target=callback_thread)
+    t.start()
+    t.join()
+    if len(allowed) > 1:
+        assert seen["affinity"] == set(allowed) - {worker_cpu}
+    else:  # nowhere else to go: left as it was
+        assert seen["affinity"] == set(allowed)
+    assert rel_err(as_f64(st.out), _ref(x, w13, w2, ids, tw)) <= 1e-2

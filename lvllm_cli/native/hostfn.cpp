@@ -13,6 +13,12 @@ using namespace nb::literals;
 
 extern "C" void lk_hostfn_submit(void* p) {
   lk::HostCall* c = static_cast<lk::HostCall*>(p);
+  // CUDA's callback thread submits and then waits: keep it off the workers' cores (once per thread).
+  static thread_local bool placed = false;
+  if (!placed) {
+    c->layer->engine().pool().keep_caller_off_workers();
+    placed = true;
+  }
   c->layer->engine().submit(c->layer, c->args);
 }
 

@@ -127,6 +127,17 @@ void Pool::wait() {
   }
 }
 
+bool Pool::keep_caller_off_workers() {
+  cpu_set_t allowed;
+  CPU_ZERO(&allowed);
+  if (pthread_getaffinity_np(pthread_self(), sizeof(allowed), &allowed) != 0) return false;
+  for (const NodeGroup& g : groups_)
+    for (int c : g.cpus)
+      if (c >= 0 && c < CPU_SETSIZE) CPU_CLR(c, &allowed);
+  if (CPU_COUNT(&allowed) == 0) return false;
+  return pthread_setaffinity_np(pthread_self(), sizeof(allowed), &allowed) == 0;
+}
+
 void Pool::barrier(SpinBarrier& b, int& sense) {
   sense ^= 1;
   if (b.count.fetch_add(1, std::memory_order_acq_rel) == b.parties - 1) {

@@ -55,6 +55,12 @@ class Pool {
   void wait();
   bool done() const { return done_seq_.load(std::memory_order_acquire) == job_seq_.load(std::memory_order_acquire); }
 
+  // Restrict the calling thread to the allowed CPUs no worker is pinned to
+  // (when there are any): the thread that submits and waits must never share
+  // a core with a spinning worker, or every barrier stalls for a time slice.
+  // Returns false when no such CPU exists.
+  bool keep_caller_off_workers();
+
   // Inside a job.
   void barrier_group(const WorkerInfo& w);
   void barrier_all(const WorkerInfo& w);

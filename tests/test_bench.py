@@ -1,0 +1,46 @@
+"""`lvllm bench moe` plumbing: its PyTorch reference is right, its sizing rule holds, a tiny run fills every field."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from lvllm_cli.moe import bench
+from moe_reference import as_f64, random_problem, reference_moe, rel_err
+
+
+def test_torch_reference_is_the_fused_experts_function():
+    x, w13, w2, ids, tw = random_problem(33, 4, 16, 64, 48, seed=6)
+    out = bench.torch_moe(x, w13, w2, ids, tw)
+    assert rel_err(as_f64(out), reference_moe(as_f64(x), as_f64(w13), as_f64(w2), ids.numpy(), tw.numpy())) <= 1e-2
+
+
+def test_layers_for_covers_8x_l3_and_4gib_within_free_ram():
+    gib = 1 << 30
+    assert bench.layers_for(gib, 300 << 20, 100 * gib) == 4  # 4 GiB minimum dominates 8 x 300 MiB
+    assert bench.layers_for(gib // 4, 1 * gib, 100 * gib) == 32  # 8 x L3 dominates
+    assert bench.layers_for(gib, 300 << 20, 3 * gib) == 1  # only what 60 % of free RAM holds
+    with pytest.raises(MemoryError, match="one layer needs"):
+        bench.layers_for(4 * gib, 300 << 20, 2 * gib)
+
+
+def test_routing_is_distinct_and_normalised():
+    ids, w = bench.routing(5, 32, 4, seed=1, steps=3)
+    assert ids.shape == (3, 5, 4) and w.shape == (3, 5, 4)
+    assert all(len(set(r.tolist())) == 4 for r in ids.reshape(-1, 4))
+    assert np.allclose(w.sum(-1).numpy(), 1.0)
+
+
+def test_tiny_run_fills_every_row(monkeypatch):
+    monkeypatch.setitem(bench.MODEL_SHAPES, "tiny", (64, 64, 16, 4))
+    monkeypatch.setattr(bench, "MIN_WORKING_SET", 1 << 20)
+    bw, rows = bench.bench_moe(["tiny"], {"decode": [1], "prefill": [8]}, threads=1, passes=1,
+                               l3_bytes=1 << 16, free_bytes=1 << 30, dtypes=("bfloat16", "int4"))
+    assert bw > 0 and len(rows) == 4
+    for r in rows:
+        assert r.us_per_layer > 0 and r.gbps >= 0 and r.bandwidth_gbps == round(bw, 1)
+        assert set(r.phases_us) >= {"gate_up", "down"}
+        assert (r.torch_ratio is not None) == (r.dtype == "bfloat16")
+    with pytest.raises(ValueError, match="unknown expert dtype"):
+        bench.bench_moe(["tiny"], dtypes=("int3",), threads=1)
