@@ -74,5 +74,8 @@ void avx512bf16_silu_mul(const float* y, int n, void* h, size_t ldh);
 void avx512bf16_q4_dot(const void* x, size_t ldx, int n, const uint8_t* panel, int K, int G, float* y);
 void avx512bf16_f8_dot(const void* x, size_t ldx, int n, const uint8_t* panel, int K, int G, float* y);
 void avx512bf16_dequant(WKind kind, const uint8_t* panel, int K, int G, uint16_t* out);
+// fp32-activation quantized kernels (AVX2 + FMA + F16C), also used by the AVX512F family.
+void avx2_q4_dot(const void* x, size_t ldx, int n, const uint8_t* panel, int K, int G, float* y);
+void avx2_f8_dot(const void* x, size_t ldx, int n, const uint8_t* panel, int K, int G, float* y);
 
 }  // namespace lk

@@ -77,11 +77,85 @@ void silu_mul(const float* y, int n, void* hv, size_t ldh) {
     }
 }
 
-const KernelSet kBf16{Isa::avx2, "avx2", DType::bf16, DType::f32, panel_dot_bf16, silu_mul, q4_dot_f32, f8_dot_f32};
+// --- quantized panels (quant.h), fp32 activations: 8 rows per register ------
+
+// 8 int4 codes of one k-pair (8 bytes) -> (even k, odd k) as fp32.
+static inline void q4_8(const uint8_t* p8, __m256& even, __m256& odd) {
+  const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p8)));
+  const __m256i eight = _mm256_set1_epi32(8);
+  const __m256i lo = _mm256_sub_epi32(_mm256_xor_si256(_mm256_and_si256(v, _mm256_set1_epi32(15)), eight), eight);
+  const __m256i hi = _mm256_sub_epi32(_mm256_xor_si256(_mm256_srli_epi32(v, 4), eight), eight);
+  even = _mm256_cvtepi32_ps(lo);
+  odd = _mm256_cvtepi32_ps(hi);
+}
+
+// 8 e4m3 bytes -> fp32: rebias normals, subnormals as m * 2^-9.
+static inline __m256 e4m3_8(const uint8_t* p8) {
+  const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p8)));
+  const __m256i sign = _mm256_slli_epi32(_mm256_and_si256(b, _mm256_set1_epi32(0x80)), 24);
+  const __m256i em = _mm256_and_si256(b, _mm256_set1_epi32(0x7f));
+  const __m256 normal = _mm256_castsi256_ps(_mm256_add_epi32(_mm256_slli_epi32(em, 20), _mm256_set1_epi32(120 << 23)));
+  const __m256 tiny = _mm256_mul_ps(_mm256_cvtepi32_ps(em), _mm256_set1_ps(1.0f / 512.0f));
+  const __m256 is_tiny = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(8), em));
+  return _mm256_or_ps(_mm256_blendv_ps(normal, tiny, is_tiny), _mm256_castsi256_ps(sign));
+}
+
+// One token: the panel's 32 rows as four groups of 8, scales applied per group.
+template <bool FP8>
+void qdot1(const float* x, const uint8_t* p, int K, int G, float* y) {
+  const uint16_t* sc = reinterpret_cast<const uint16_t*>(p + qpanel_data_bytes(FP8 ? WKind::fp8 : WKind::int4, K));
+  __m256 acc[4];
+  for (int r = 0; r < 4; ++r) acc[r] = _mm256_setzero_ps();
+  for (int g = 0; g < K / G; ++g) {
+    __m256 a[4];
+    for (int r = 0; r < 4; ++r) a[r] = _mm256_setzero_ps();
+    for (int j = g * G / 2; j < (g + 1) * G / 2; ++j) {
+      const __m256 xe = _mm256_broadcast_ss(x + 2 * j), xo = _mm256_broadcast_ss(x + 2 * j + 1);
+      for (int r = 0; r < 4; ++r) {  // rows 8r..8r+7 (halves: r < 2 is half 0)
+        __m256 we, wo;
+        if constexpr (FP8) {
+          // e4m3 bytes of 4 rows x 2 k per 8 bytes: widen, then split even / odd k.
+          const uint8_t* pr = p + size_t(j) * 64 + size_t(r) * 16;
+          const __m256 w0 = e4m3_8(pr), w1 = e4m3_8(pr + 8);  // rows 8r..8r+3 and 8r+4..8r+7, (k, k+1) interleaved
+          we = _mm256_shuffle_ps(w0, w1, 0x88);              // even lanes: k even ...
+          wo = _mm256_shuffle_ps(w0, w1, 0xdd);              // odd lanes: k odd ...
+          // shuffle_ps works within 128-bit halves: fix the row order to 0..7
+          we = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(we), 0xd8));
+          wo = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(wo), 0xd8));
+        } else {
+          q4_8(p + size_t(j) * 32 + size_t(r) * 8, we, wo);
+        }
+        a[r] = _mm256_fmadd_ps(we, xe, a[r]);
+        a[r] = _mm256_fmadd_ps(wo, xo, a[r]);
+      }
+    }
+    for (int r = 0; r < 4; ++r) {
+      const __m256 s = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc + size_t(g) * 32 + 8 * r)));
+      acc[r] = _mm256_fmadd_ps(a[r], s, acc[r]);
+    }
+  }
+  for (int r = 0; r < 4; ++r) _mm256_storeu_ps(y + 8 * r, acc[r]);
+}
+
+template <bool FP8>
+void qdot_n(const void* xv, size_t ldx, int n, const uint8_t* p, int K, int G, float* y) {
+  const float* x = static_cast<const float*>(xv);
+  for (int t = 0; t < n; ++t) qdot1<FP8>(x + t * ldx, p, K, G, y + t * 32);
+}
+
+const KernelSet kBf16{Isa::avx2, "avx2", DType::bf16, DType::f32, panel_dot_bf16, silu_mul, avx2_q4_dot, avx2_f8_dot};
 const KernelSet kF16{Isa::avx2, "avx2", DType::f16, DType::f32, panel_dot_f16, silu_mul};
 
 }  // namespace
 
 const KernelSet* const kAvx2Sets[2] = {&kBf16, &kF16};
+
+void avx2_q4_dot(const void* x, size_t ldx, int n, const uint8_t* p, int K, int G, float* y) {
+  qdot_n<false>(x, ldx, n, p, K, G, y);
+}
+
+void avx2_f8_dot(const void* x, size_t ldx, int n, const uint8_t* p, int K, int G, float* y) {
+  qdot_n<true>(x, ldx, n, p, K, G, y);
+}
 
 }  // namespace lk

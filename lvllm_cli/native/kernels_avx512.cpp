@@ -82,7 +82,7 @@ void silu_mul(const float* y, int n, void* hv, size_t ldh) {
 }
 
 const KernelSet kBf16{Isa::avx512, "avx512", DType::bf16, DType::f32,
-                      panel_dot<dot_bf16<1>, dot_bf16<2>, dot_bf16<4>>, silu_mul, q4_dot_f32, f8_dot_f32};
+                      panel_dot<dot_bf16<1>, dot_bf16<2>, dot_bf16<4>>, silu_mul, avx2_q4_dot, avx2_f8_dot};
 const KernelSet kF16{Isa::avx512, "avx512", DType::f16, DType::f32,
                      panel_dot<dot_f16<1>, dot_f16<2>, dot_f16<4>>, silu_mul};
 
