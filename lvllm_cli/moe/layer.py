@@ -55,17 +55,19 @@ def get_engine(
     lk = native.load()
     isa = isa or os.environ.get("LK_ISA") or "amx"
     if groups is None:
-        env = settings_from_env(os.environ)
-        s = Settings(
-            threads=threads if threads is not None else env.threads,
-            cpus=tuple(cpus) if cpus is not None else env.cpus,
-            nodes=tuple(nodes) if nodes is not None else env.nodes,
-            virtual_nodes=virtual_nodes if virtual_nodes is not None else env.virtual_nodes,
-            smt=env.smt,
-        )
-        if s == env and threads is None and nodes is None and cpus is None and virtual_nodes is None:
+        explicit = (threads, nodes, cpus, virtual_nodes)
+        if all(v is None for v in explicit):
             groups = default_groups()
         else:
+            env = settings_from_env(os.environ)
+            s = Settings(
+                threads=threads if threads is not None else env.threads,
+                cpus=tuple(cpus) if cpus is not None else env.cpus,
+                nodes=tuple(nodes) if nodes is not None else env.nodes,
+                virtual_nodes=virtual_nodes if virtual_nodes is not None else env.virtual_nodes,
+                smt=env.smt,
+                reserve=env.reserve,
+            )
             groups = plan_groups(local_topology(), set(os.sched_getaffinity(0)), s)
     key = (tuple(groups), isa)
     with _engines_lock:

@@ -13,6 +13,7 @@
 #include "cpu_features.h"
 #include "engine.h"
 #include "hostfn.h"
+#include "raw_args.h"
 #include "numa_mem.h"
 
 namespace nb = nanobind;
@@ -27,12 +28,7 @@ namespace {
 using Array = nb::ndarray<nb::device::cpu, nb::c_contig>;
 using AnyArray = nb::ndarray<nb::device::cpu>;
 
-lk::DType parse_dtype(const std::string& s) {
-  if (s == "bfloat16" || s == "bf16") return lk::DType::bf16;
-  if (s == "float16" || s == "f16" || s == "half") return lk::DType::f16;
-  if (s == "float32" || s == "f32" || s == "float") return lk::DType::f32;
-  throw nb::value_error(("unknown dtype '" + s + "' (expected bfloat16, float16 or float32)").c_str());
-}
+using lk::parse_dtype;
 
 // Element type of a float array; `raw16` names the type of uint16 bit patterns.
 lk::DType float_dtype(const AnyArray& a, const char* what, const std::string& raw16 = "") {
@@ -268,20 +264,7 @@ NB_MODULE(_lk_moe, m) {
           "submit_ptr",
           [](lk::MoELayer& l, uintptr_t x, const std::string& xt, size_t ldx, uintptr_t ids, bool ids64, uintptr_t tw, int M,
              int k, uintptr_t out, const std::string& ot, size_t ldo) {
-            if (!x || !ids || !tw || !out) throw nb::value_error("null buffer pointer");
-            if (M < 0 || k < 1) throw nb::value_error("bad token count or k");
-            lk::ForwardArgs a;
-            a.x = reinterpret_cast<const void*>(x);
-            a.x_type = parse_dtype(xt);
-            a.ldx = ldx ? ldx : l.H();
-            a.topk_ids = reinterpret_cast<const void*>(ids);
-            a.ids_int64 = ids64;
-            a.topk_weights = reinterpret_cast<const float*>(tw);
-            a.M = M;
-            a.k = k;
-            a.out = reinterpret_cast<void*>(out);
-            a.out_type = parse_dtype(ot);
-            a.ldo = ldo ? ldo : l.H();
+            lk::ForwardArgs a = lk::raw_forward_args(l, x, xt, ldx, ids, ids64, tw, M, k, out, ot, ldo);
             nb::gil_scoped_release release;
             l.engine().submit(&l, a);
           },
@@ -299,18 +282,7 @@ NB_MODULE(_lk_moe, m) {
                           uintptr_t tw, int M, int k, uintptr_t out, const std::string& ot, int steps, int passes) {
     if (layers.empty()) throw nb::value_error("no layers to time");
     if (steps < 1 || passes < 1) throw nb::value_error("steps and passes must be positive");
-    lk::ForwardArgs a;
-    a.x = reinterpret_cast<const void*>(x);
-    a.x_type = parse_dtype(xt);
-    a.ldx = layers[0]->H();
-    a.topk_ids = reinterpret_cast<const void*>(ids);
-    a.ids_int64 = ids64;
-    a.topk_weights = reinterpret_cast<const float*>(tw);
-    a.M = M;
-    a.k = k;
-    a.out = reinterpret_cast<void*>(out);
-    a.out_type = parse_dtype(ot);
-    a.ldo = layers[0]->H();
+    lk::ForwardArgs a = lk::raw_forward_args(*layers[0], x, xt, 0, ids, ids64, tw, M, k, out, ot, 0);
     nb::gil_scoped_release release;
     return lk::time_layers(layers, a, steps, passes);
   }, "layers"_a, "x"_a, "x_dtype"_a, "topk_ids"_a, "ids_int64"_a, "topk_weights"_a, "tokens"_a, "k"_a, "out"_a,

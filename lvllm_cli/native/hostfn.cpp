@@ -1,4 +1,5 @@
 #include "hostfn.h"
+#include "raw_args.h"
 
 #include <dlfcn.h>
 
@@ -76,27 +77,10 @@ void bind_hostfn(nb::module_& m) {
       "make_host_call",
       [](MoELayer& l, uintptr_t x, const std::string& xt, uintptr_t ids, bool ids64, uintptr_t tw, int M, int k, uintptr_t out,
          const std::string& ot, bool owned_by_stream) {
-        if (!x || !ids || !tw || !out) throw nb::value_error("null buffer pointer");
-        if (M < 0 || k < 1) throw nb::value_error("bad token count or k");
-        auto dt = [](const std::string& s) {
-          if (s == "bfloat16") return DType::bf16;
-          if (s == "float16") return DType::f16;
-          if (s == "float32") return DType::f32;
-          throw nb::value_error(("unsupported dtype " + s).c_str());
-        };
+        ForwardArgs args = raw_forward_args(l, x, xt, 0, ids, ids64, tw, M, k, out, ot, 0);
         HostCall* c = new HostCall();
         c->layer = &l;
-        c->args.x = reinterpret_cast<const void*>(x);
-        c->args.x_type = dt(xt);
-        c->args.ldx = l.H();
-        c->args.topk_ids = reinterpret_cast<const void*>(ids);
-        c->args.ids_int64 = ids64;
-        c->args.topk_weights = reinterpret_cast<const float*>(tw);
-        c->args.M = M;
-        c->args.k = k;
-        c->args.out = reinterpret_cast<void*>(out);
-        c->args.out_type = dt(ot);
-        c->args.ldo = l.H();
+        c->args = args;
         c->owned_by_stream = owned_by_stream;
         return reinterpret_cast<uintptr_t>(c);
       },
