@@ -1,6 +1,7 @@
 """Small random MoE checkpoints and full-size config-only model directories, made locally.
 
     write_tiny_model("qwen3_moe", dir)        config.json + tokenizer + random safetensors
+    write_tiny_model("qwen3_moe_int4", dir)   the same with quantized experts (see QUANTIZED)
     write_model_shape("qwen3-30b-a3b", dir)   config.json + tokenizer only (serve with --load-format dummy)
 
 The tiny checkpoints feed the demo profile and the plugin's end-to-end checks
@@ -82,6 +83,9 @@ TINY = {
     },
 }
 
+# Tiny checkpoints with quantized routed experts (lvllm_cli/tiny_quantized.py): name -> (base, format).
+QUANTIZED = {"qwen3_moe_fp8": ("qwen3_moe", "fp8"), "qwen3_moe_int4": ("qwen3_moe", "int4")}
+
 # Full-size shapes for --load-format dummy benchmarks (no weights written).
 SHAPES = {
     "qwen3-30b-a3b": {
@@ -92,6 +96,17 @@ SHAPES = {
         "norm_topk_prob": True, "rope_theta": 1000000.0, "max_position_embeddings": 40960,
     },
 }
+
+
+def _quantized_shape(base: str, fmt: str) -> dict:
+    from lvllm_cli.tiny_quantized import quantization_config
+
+    return {**SHAPES[base], "quantization_config": quantization_config(fmt, SHAPES[base]["num_hidden_layers"])}
+
+
+# The same shapes with quantized experts (attention stays bf16), for the CPU engine's int4/fp8 decode.
+SHAPES["qwen3-30b-a3b-int4"] = _quantized_shape("qwen3-30b-a3b", "int4")
+SHAPES["qwen3-30b-a3b-fp8"] = _quantized_shape("qwen3-30b-a3b", "fp8")
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>"]
 
@@ -187,8 +202,9 @@ def write_model_shape(name: str, out_dir: Path) -> Path:
 
 def write_tiny_model(arch: str, out_dir: Path, seed: int = 0) -> Path:
     """A small random checkpoint of `arch` (see TINY) through its Hugging Face model class."""
-    if arch not in TINY:
-        raise ValueError(f"unknown architecture {arch!r}; known: {', '.join(TINY)}")
+    base, quantization = QUANTIZED.get(arch, (arch, None))
+    if base not in TINY:
+        raise ValueError(f"unknown architecture {arch!r}; known: {', '.join([*TINY, *QUANTIZED])}")
     try:
         import torch
         from transformers import AutoConfig, AutoModelForCausalLM
@@ -198,7 +214,7 @@ def write_tiny_model(arch: str, out_dir: Path, seed: int = 0) -> Path:
         ) from None
     tmp = _atomic_dir(out_dir)
     try:
-        spec = _config(TINY[arch])
+        spec = _config(TINY[base])
         kwargs = {k: v for k, v in spec.items() if k not in ("architectures", "model_type", "dtype")}
         config = AutoConfig.for_model(spec["model_type"], **kwargs)
         torch.manual_seed(seed)
@@ -208,6 +224,10 @@ def write_tiny_model(arch: str, out_dir: Path, seed: int = 0) -> Path:
         saved = json.loads((tmp / "config.json").read_text())
         (tmp / "config.json").write_text(json.dumps({**saved, **spec}, indent=2))
         write_tokenizer(tmp, spec["vocab_size"])
+        if quantization:
+            from lvllm_cli.tiny_quantized import quantize_experts
+
+            quantize_experts(tmp, quantization)
         return _finish(tmp, out_dir)
     except BaseException:
         _rmtree(tmp)

@@ -12,8 +12,11 @@ whose CPU layers
     packed experts plus one expert),
   * compute `forward_modular` through the stream-ordered host-call runner,
     so CUDA graphs capture it.
-Layers named in LVLLM_GPU_LAYERS, and quantized layers, keep vLLM's own code.
-All decisions live in lvllm_cli/moe/plugin_core.py.
+Quantized checkpoints (fp8, compressed-tensors int4) keep vLLM's quantization
+method for the parameter names and shapes only (created on `meta`); their
+codes and scales go to lk_moe through lvllm_cli/moe/quant_loading.py.
+Layers named in LVLLM_GPU_LAYERS keep vLLM's own code.
+All decisions live in lvllm_cli/moe/plugin_core.py and quant_loading.py.
 """
 
 from __future__ import annotations
@@ -53,9 +56,9 @@ def _install() -> None:
     from vllm.model_executor.layers.fused_moe.routed_experts import RoutedExperts
     from vllm.model_executor.utils import set_weight_attrs
 
-    from lvllm_cli.moe import plugin_core
+    from lvllm_cli.moe import plugin_core, quant_loading
 
-    state: dict = {"gpu_layers": 0}
+    state: dict = {"gpu_layers": 0, "formats": set()}
 
     def experts_process(vllm_config):
         """One CpuExperts per worker process, created with the first CPU layer."""
@@ -75,11 +78,13 @@ def _install() -> None:
     class LvllmCpuMoEMethod(FusedMoEMethodBase):
         """Routed experts of one layer in lk_moe; the GPU only sees placeholders."""
 
-        def __init__(self, moe, experts, layer_name, dummy):
+        def __init__(self, moe, experts, layer_name, dummy, stock=None, scheme=None):
             super().__init__(moe)
             self.cpu = experts
             self.layer_name = layer_name
             self.dummy = dummy
+            self.stock = stock  # vLLM's method for a quantized checkpoint: asked for parameter names/shapes only
+            self.scheme = scheme
 
         def create_weights(self, layer, num_experts, hidden_size, intermediate_size_per_partition, params_dtype,
                            **extra_weight_attrs):
@@ -90,6 +95,21 @@ def _install() -> None:
             if not self.moe.is_act_and_mul or self.moe.has_bias:
                 raise RuntimeError(f"{self.layer_name}: lvllm's CPU experts implement gated SiLU experts without "
                                    "bias; keep this layer on the GPU (LVLLM_GPU_LAYERS)")
+            if self.scheme is not None:
+                # vLLM's own quantized parameters, so the model's load_weights finds every name it
+                # maps checkpoint tensors to; on meta, so nothing is allocated anywhere.
+                extra = dict(extra_weight_attrs)
+                if type(self.stock).__name__ in quant_loading.INT4_METHODS:  # vLLM passes it to these methods only
+                    extra["intermediate_size_full"] = layer.moe_config.intermediate_size
+                with torch.device("meta"):
+                    self.stock.create_weights(layer, num_experts, hidden_size, intermediate_size_per_partition,
+                                              params_dtype, **extra)
+                self.cpu.new_layer(self.layer_name, num_experts, hidden_size, intermediate_size_per_partition,
+                                   "", scheme=self.scheme)
+                if self.scheme.description not in state["formats"]:
+                    state["formats"].add(self.scheme.description)
+                    log.info("lvllm: quantized experts on the CPU: %s", self.scheme.description)
+                return
             dtype = str(params_dtype).replace("torch.", "")
             for name, shape in (
                 ("w13_weight", (num_experts, 2 * intermediate_size_per_partition, hidden_size)),
@@ -122,16 +142,16 @@ def _install() -> None:
             if index in layers:
                 state["gpu_layers"] += 1
                 return super()._get_quant_method(prefix, quant_config, moe_config)
+            stock = scheme = None
             if quant_config is not None:
                 stock = quant_config.get_quant_method(self, prefix)
                 if stock is not None and type(stock).__name__ != "UnquantizedFusedMoEMethod":
-                    raise RuntimeError(
-                        f"{prefix}: quantized experts ({type(stock).__name__}) cannot run on the CPU yet; "
-                        "use the bf16 checkpoint or keep these layers on the GPU with LVLLM_GPU_LAYERS"
-                    )
+                    scheme = quant_loading.scheme_for(stock, prefix)  # or a message naming the format
+                else:
+                    stock = None
             self._lvllm_cpu = True
             dummy = vllm_config.load_config.load_format == "dummy"
-            return LvllmCpuMoEMethod(moe_config, experts_process(vllm_config), prefix, dummy)
+            return LvllmCpuMoEMethod(moe_config, experts_process(vllm_config), prefix, dummy, stock, scheme)
 
         def weight_loader(self, param, loaded_weight, weight_name, shard_id, expert_id, return_success=False):
             if not self._lvllm_cpu:
@@ -140,6 +160,9 @@ def _install() -> None:
             return ok if return_success else None
 
         def _lvllm_load(self, loaded_weight, weight_name, shard_id, expert_id) -> bool:
+            method: LvllmCpuMoEMethod = self.quant_method
+            if method.scheme is not None:
+                return self._lvllm_load_quantized(method, loaded_weight, weight_name, shard_id, expert_id)
             if "weight" not in weight_name or "scale" in weight_name or shard_id not in ("w1", "w2", "w3"):
                 raise RuntimeError(f"{self.layer_name}: cannot load {weight_name!r} ({shard_id}) onto the CPU experts")
             if loaded_weight.dim() == 3:  # a fused [E, ...] tensor handed to the loader directly
@@ -147,7 +170,6 @@ def _install() -> None:
             local = self._map_global_expert_id_to_local_expert_id(expert_id)
             if local == -1:
                 return False  # another rank's expert (expert parallel)
-            method: LvllmCpuMoEMethod = self.quant_method
             engine_layer = method.cpu.layers[method.layer_name]
             src = loaded_weight.to("cpu")
             tp_rank = self.moe_config.tp_rank
@@ -162,6 +184,24 @@ def _install() -> None:
                 self._load_w13(expert_data=staging, shard_dim=0, shard_id=shard_id, loaded_weight=src, tp_rank=tp_rank)
                 half = staging[:I] if shard_id == "w1" else staging[I:]
                 engine_layer.load_expert(local, "gate" if shard_id == "w1" else "up", half)
+            return True
+
+        def _lvllm_load_quantized(self, method, loaded_weight, weight_name, shard_id, expert_id) -> bool:
+            what = quant_loading.role(weight_name, method.scheme)
+            if what is None:
+                return True  # activation scales, shapes: nothing the CPU needs
+            if shard_id not in quant_loading.SHARD_PARTS:
+                raise RuntimeError(f"{self.layer_name}: cannot load {weight_name!r} ({shard_id}) onto the CPU experts")
+            if loaded_weight.dim() == 3:  # a fused [E, ...] tensor handed to the loader directly
+                return all([self._lvllm_load_quantized(method, w, weight_name, shard_id, e)
+                            for e, w in enumerate(loaded_weight.unbind())])
+            local = self._map_global_expert_id_to_local_expert_id(expert_id)
+            if local == -1:
+                return False  # another rank's expert (expert parallel)
+            part = quant_loading.SHARD_PARTS[shard_id]
+            mine = quant_loading.rank_slice(loaded_weight.to("cpu"), part, self.moe_config.tp_rank,
+                                            self.moe_config.moe_parallel_config.tp_size)
+            method.cpu.add_quantized(method.layer_name, local, part, what, mine)
             return True
 
     LvllmRoutedExperts.weight_loader.supports_moe_loading = True  # type: ignore[attr-defined]

@@ -9,6 +9,8 @@
 #   next            Qwen3-Next tiny checkpoint: stock vs plugin
 #   deepseek-v2     DeepSeek-V2 tiny checkpoint: stock vs plugin
 #   serve-30b       `lvllm serve` of a Qwen3-30B-A3B config dir with --load-format dummy
+#   quant-e2e       tiny Qwen3-MoE with fp8 / int4 experts: stock vLLM vs plugin (issue 8)
+#   quant-30b       30B shapes with int4 and fp8 experts, decode vs their rooflines (issue 8)
 #
 # Output goes to $OUT with tee, never through grep (a killed pipeline returns nothing).
 set -uo pipefail
@@ -27,6 +29,8 @@ case "${1:-}" in
     done ;;
   next) LVLLM_RUN_TIMEOUT=280 python3 scripts/gpu_plugin_e2e.py "$OUT" qwen3_next 2>&1 | tee "$OUT/e2e-next.log" ;;
   deepseek-v2) LVLLM_RUN_TIMEOUT=280 python3 scripts/gpu_plugin_e2e.py "$OUT" deepseek_v2 2>&1 | tee "$OUT/e2e-dsv2.log" ;;
+  quant-e2e) LVLLM_RUN_TIMEOUT=200 python3 scripts/gpu_plugin_e2e.py "$OUT" qwen3_moe_fp8 qwen3_moe_int4 2>&1 | tee "$OUT/e2e-quant.log" ;;
+  quant-30b) LVLLM_RUN_TIMEOUT=270 python3 scripts/gpu_perf_30b.py "$OUT" lvllm_int4 lvllm_fp8 2>&1 | tee "$OUT/quant-30b.log" ;;
   serve-30b)
     d=/tmp/lvllm-shape-30b
     [ -d "$d" ] || python3 -m lvllm_cli shape qwen3-30b-a3b "$d"
@@ -39,5 +43,5 @@ case "${1:-}" in
     kill -INT -"$(cat /tmp/lvllm-serve30.pid)"
     for i in $(seq 30); do kill -0 "$(cat /tmp/lvllm-serve30.pid)" 2>/dev/null || break; sleep 1; done
     tail -20 "$OUT/serve-30b.log" ;;
-  *) sed -n 2,14p "$0"; exit 2 ;;
+  *) sed -n 2,16p "$0"; exit 2 ;;
 esac

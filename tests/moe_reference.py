@@ -40,6 +40,26 @@ def random_problem(M, k, E, H, I, *, seed, wdtype=torch.bfloat16, xdtype=torch.b
     return x, w13, w2, ids, tw
 
 
+def e4m3_ref(b: np.ndarray) -> np.ndarray:
+    """e4m3fn decoding written from the format's definition (bias 7, subnormals 2^-6 * m/8)."""
+    b = b.astype(np.int64)
+    sign = np.where(b & 0x80, -1.0, 1.0)
+    e, m = (b >> 3) & 15, b & 7
+    return sign * np.where(e == 0, m / 8.0 * 2.0**-6, (1.0 + m / 8.0) * 2.0 ** (e - 7.0))
+
+
+def pack_nibbles_ct(codes: np.ndarray) -> np.ndarray:
+    """compressed-tensors pack-quantized from its published layout: code + 8 in nibble k % 8 of
+    int32 word k // 8 along the input dimension (zero-padded to a whole word)."""
+    out, n_in = codes.shape
+    nib = np.zeros((out, -(-n_in // 8) * 8), dtype=np.uint64)
+    nib[:, :n_in] = (codes.astype(np.int64) + 8).astype(np.uint64)
+    words = np.zeros((out, nib.shape[1] // 8), dtype=np.uint64)
+    for i in range(8):
+        words |= nib[:, i::8] << np.uint64(4 * i)
+    return words.astype(np.uint32).view(np.int32)
+
+
 def as_f64(t):
     return t.to(torch.float64).numpy()
 

@@ -1,6 +1,7 @@
 """`lvllm shape`: full-size model directories without weights, and serving them with dummy weights."""
 
 import json
+import math
 
 import pytest
 from cli_helpers import machine_file, run_cli
@@ -22,8 +23,16 @@ def test_list_as_json_with_expert_bytes_from_the_config():
     assert set(rows) == set(SHAPES)
     for name, cfg in SHAPES.items():
         h, i = cfg["hidden_size"], cfg["moe_intermediate_size"]
-        # every layer is MoE in these shapes: layers x experts x (gate + up + down) x 2 bytes (bf16)
-        assert rows[name]["expert_bytes"] == cfg["num_hidden_layers"] * cfg["num_experts"] * 3 * h * i * 2
+        q = cfg.get("quantization_config", {})
+        if not q:  # bf16: 2 bytes per weight
+            per_expert = 3 * h * i * 2
+        elif q["quant_method"] == "fp8":  # a byte per weight + an fp32 scale per 128x128 block
+            per_expert = 3 * h * i + 4 * (2 * math.ceil(i / 128) * math.ceil(h / 128) + math.ceil(h / 128) * math.ceil(i / 128))
+        else:  # int4 group 32: half a byte per weight + a 16-bit scale per group
+            g = q["config_groups"]["group_0"]["weights"]["group_size"]
+            per_expert = 3 * h * i // 2 + 2 * 3 * h * i // g
+        # every layer is MoE in these shapes
+        assert rows[name]["expert_bytes"] == cfg["num_hidden_layers"] * cfg["num_experts"] * per_expert, name
         assert rows[name]["experts"] == cfg["num_experts"] and rows[name]["layers"] == cfg["num_hidden_layers"]
     r = run_cli("shape")
     assert r.exit_code == 0 and all(name in r.stdout for name in SHAPES)

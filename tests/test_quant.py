@@ -11,21 +11,13 @@ from lvllm_cli import _lk_moe as lk
 from lvllm_cli.moe import MoELayer, get_engine
 from lvllm_cli.moe import quant_formats as qf
 from lvllm_cli.moe.placement import Group
-from moe_reference import reference_moe, rel_err
+from moe_reference import e4m3_ref, reference_moe, rel_err
 
 ISAS = [isa for isa in ("scalar", "avx2", "avx512", "avx512_bf16", "amx") if lk.isa_supported(isa)]
 
 
 def engine(isa, groups=1):
     return get_engine(groups=[Group(-1, (-1,))] * groups, isa=isa)
-
-
-def e4m3_ref(b: np.ndarray) -> np.ndarray:
-    """e4m3fn decoding written from the format's definition (bias 7, subnormals 2^-6 * m/8)."""
-    b = b.astype(np.int64)
-    sign = np.where(b & 0x80, -1.0, 1.0)
-    e, m = (b >> 3) & 15, b & 7
-    return sign * np.where(e == 0, m / 8.0 * 2.0**-6, (1.0 + m / 8.0) * 2.0 ** (e - 7.0))
 
 
 def random_quant(kind, rows, cols, group, rng):

@@ -39,6 +39,7 @@ def shape_rows() -> list[dict]:
             "experts_per_token": facts.experts_per_tok,
             "hidden_size": facts.hidden_size,
             "moe_intermediate_size": facts.moe_intermediate_size,
+            "expert_format": facts.quant.label if facts.quant.method != "none" else "bf16",
             "expert_bytes": facts.total_expert_bytes(),
         })  # fmt: skip
     return rows
@@ -60,11 +61,12 @@ def shape(
         from rich.table import Table
 
         t = Table(title="model shapes (config.json + tokenizer; serve with -- --load-format dummy)", title_justify="left")
-        for col in ("name", "architecture", "layers", "experts", "routed experts (bf16)"):
+        t.add_column("name", no_wrap=True)
+        for col in ("architecture", "layers", "experts", "routed experts"):
             t.add_column(col)
         for r in rows:
             t.add_row(r["name"], r["architecture"], str(r["layers"]), f"{r['experts']} (top {r['experts_per_token']})",
-                      f"{r['expert_bytes'] / 2**30:.1f} GiB")
+                      f"{r['expert_bytes'] / 2**30:.1f} GiB {r['expert_format']}")
         Console(highlight=False).print(t)
         return
     if as_json:

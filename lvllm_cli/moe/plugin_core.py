@@ -108,6 +108,7 @@ class CpuExperts:
         p = placement_for_rank(env, rank, world)
         self.engine = get_engine(threads=p.threads, cpus=p.cpus, nodes=p.nodes)
         self.layers: dict[str, Any] = {}
+        self.assemblers: dict[str, Any] = {}  # quantized layers: codes/scales waiting for their other half
         self.gpu_layer_count = 0
         self.cpu_layer_count = 0
         self._runner = None
@@ -117,19 +118,35 @@ class CpuExperts:
         self._stream_ops = stream_ops  # factory; default: the current CUDA stream
 
     # -- building ------------------------------------------------------------
-    def new_layer(self, name: str, experts: int, hidden: int, intermediate: int, dtype: str):
+    def new_layer(self, name: str, experts: int, hidden: int, intermediate: int, dtype: str, scheme=None):
+        """A CPU layer of bf16/fp16 weights, or of the quantized format `scheme` (a quant_loading.QuantScheme)."""
         from lvllm_cli.moe.layer import MoELayer
+        from lvllm_cli.moe.quant_loading import QuantAssembler
 
-        layer = MoELayer.empty(experts, hidden, intermediate, dtype, engine=self.engine)
+        if scheme is None:
+            layer = MoELayer.empty(experts, hidden, intermediate, dtype, engine=self.engine)
+        else:
+            layer = MoELayer.empty(experts, hidden, intermediate, scheme.kind, group_size=scheme.group,
+                                   engine=self.engine)
+            self.assemblers[name] = QuantAssembler(layer, scheme, name)
         self.layers[name] = layer
         self.cpu_layer_count += 1
         return layer
+
+    def add_quantized(self, name: str, expert: int, part: str, what: str, tensor: Any) -> None:
+        """One expert projection's codes or scales (already this rank's slice), from vLLM's loader."""
+        self.assemblers[name].add(expert, part, what, tensor)
 
     def finish_layer(self, name: str, *, dummy: bool, seed: int) -> None:
         """After vLLM's loader: random weights for --load-format dummy, else every expert must have arrived."""
         layer = self.layers[name]
         if dummy:
             layer.fill_random(seed=seed, scale=DUMMY_WEIGHT_RANGE)
+        assembler = self.assemblers.pop(name, None)
+        halves = assembler.incomplete() if assembler is not None and not dummy else []
+        if halves:
+            raise RuntimeError(f"{name}: the checkpoint gave codes without scales or scales without codes "
+                               f"({len(halves)} projections, e.g. {halves[0]}); is the model directory complete?")
         missing = [e for e, m in enumerate(layer.native.loaded) if m != 7]
         if missing:
             parts = {1: "gate", 2: "up", 4: "down"}
