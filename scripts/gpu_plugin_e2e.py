@@ -92,7 +92,10 @@ def main() -> None:
         model = work / arch
         if not model.exists():
             write_tiny_model(arch, model, seed=1)
-        stock = vllm_run(model, logs / f"{arch}-stock.json", logs / f"{arch}-stock.log", {}, [])
+        # The GPU host's vLLM kit has no FlashInfer: Qwen3-Next's linear attention then needs vLLM's Triton kernels.
+        base = ["--extra-json", json.dumps({"additional_config": {"gdn_prefill_backend": "triton"}})] \
+            if arch.startswith("qwen3_next") else []
+        stock = vllm_run(model, logs / f"{arch}-stock.json", logs / f"{arch}-stock.log", {}, base)
         if "error" in stock:
             report[arch] = {"stock": stock}
             print(arch, "STOCK FAILED", stock["error"], stock["log_tail"][-1500:], flush=True)
@@ -106,7 +109,7 @@ def main() -> None:
         report[arch] = {"stock_load_s": stock["load_s"]}
         for name, (env, args) in variants.items():
             r = vllm_run(model, logs / f"{arch}-{name}.json", logs / f"{arch}-{name}.log", env,
-                         [*args, "--score", str(seqs)])
+                         [*base, *args, "--score", str(seqs)])
             if "error" in r:
                 report[arch][name] = {"error": r["error"]}
                 print(arch, name, "FAILED", r["error"], r["log_tail"][-2500:], flush=True)
