@@ -30,27 +30,10 @@ void dot(const uint16_t* x, size_t ldx, const uint16_t* p, int K, float* y) {
 
 // --- quantized panels, widened to bf16 in registers (decode path) ---------
 
-// int4: lane c of the result holds the bf16 pair (q[c, 2j], q[c, 2j+1]).
-struct Q4Lut {
-  __m512i lut;  // bf16 bits of the nibble's two's complement value, one per 32-bit lane
-  Q4Lut() {
-    alignas(64) int v[16];
-    for (int n = 0; n < 16; ++n) v[n] = f32_to_bf16(float(q4_value(uint8_t(n))));
-    lut = _mm512_load_si512(v);
-  }
-};
-
-static inline __m512i q4_pairs(const uint8_t* p16, __m512i lut) {
-  const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p16)));
-  const __m512i lo = _mm512_permutexvar_epi32(_mm512_and_si512(v, _mm512_set1_epi32(15)), lut);
-  const __m512i hi = _mm512_permutexvar_epi32(_mm512_srli_epi32(v, 4), lut);
-  return _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16));
-}
-
 // int4 for the decode dot product, without a table: each nibble, made offset
 // binary (code + 8), goes into the mantissa of bf16 128.0, giving 136 + code
 // in both halves of a 32-bit lane; the kernel subtracts 136 * sum(x) per group.
-// Four ALU ops and one shuffle where q4_pairs needs three shuffles (the port
+// Four ALU ops and one shuffle where a 16-entry table (two vpermd) needs three shuffles (the port
 // the unpacking was bound on).
 static inline __m512i q4_biased_pairs(const uint8_t* p16) {
   const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p16)));
@@ -140,33 +123,35 @@ void qdot(const uint16_t* x, size_t ldx, const uint8_t* p, int K, int G, float* 
 
 // bf16 weights (16 rows x 2 k per register, as 32 bf16) times 16 per-row
 // scales, rounded back to bf16: the even and odd k of each row share a scale.
-static inline __m512i scale_pairs(__m512i w, __m512 s) {
+// With `offset` (the int4 bias times the scales): (w * s - offset).
+static inline __m512i scale_pairs(__m512i w, __m512 s, __m512 offset) {
   const __m512 lo = _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
   const __m512 hi = _mm512_castsi512_ps(_mm512_and_si512(w, _mm512_set1_epi32(int(0xffff0000u))));
-  const __m512i l = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(lo, s)));
-  const __m512i h = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(hi, s)));
+  const __m512i l = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(_mm512_fmsub_ps(lo, s, offset)));
+  const __m512i h = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(_mm512_fmsub_ps(hi, s, offset)));
   return _mm512_or_si512(l, _mm512_slli_epi32(h, 16));
 }
 
 template <bool FP8>
 void dequant(const uint8_t* p, int K, int G, uint16_t* out) {
-  static const Q4Lut q4;
   static const F8Lut f8;
   const uint16_t* sc = reinterpret_cast<const uint16_t*>(p + qpanel_data_bytes(FP8 ? WKind::fp8 : WKind::int4, K));
+  const __m512 bias = _mm512_set1_ps(FP8 ? 0.0f : kQ4Bias);
   for (int g = 0; g < K / G; ++g) {
     const __m512 s0 = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sc + size_t(g) * 32)));
     const __m512 s1 = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sc + size_t(g) * 32 + 16)));
+    const __m512 o0 = _mm512_mul_ps(bias, s0), o1 = _mm512_mul_ps(bias, s1);
     for (int j = g * G / 2; j < (g + 1) * G / 2; ++j) {
       __m512i w0, w1;
       if constexpr (FP8) {
         w0 = f8_to_bf16(p + size_t(j) * 64, f8.sub);
         w1 = f8_to_bf16(p + size_t(j) * 64 + 32, f8.sub);
       } else {
-        w0 = q4_pairs(p + size_t(j) * 32, q4.lut);
-        w1 = q4_pairs(p + size_t(j) * 32 + 16, q4.lut);
+        w0 = q4_biased_pairs(p + size_t(j) * 32);
+        w1 = q4_biased_pairs(p + size_t(j) * 32 + 16);
       }
-      _mm512_storeu_si512(out + size_t(j) * 64, scale_pairs(w0, s0));
-      _mm512_storeu_si512(out + size_t(j) * 64 + 32, scale_pairs(w1, s1));
+      _mm512_storeu_si512(out + size_t(j) * 64, scale_pairs(w0, s0, o0));
+      _mm512_storeu_si512(out + size_t(j) * 64 + 32, scale_pairs(w1, s1, o1));
     }
   }
 }
