@@ -9,12 +9,13 @@ Steps, all in --dir (default: a fresh directory under /tmp):
   3. --rounds times, interleaved, the order rotating from round to round,
      each step after `sync` and --settle seconds of quiet (medians reported):
      a. evict the shards from the page cache (fsync + posix_fadvise
-        DONTNEED; --warm skips this) and run `lvllm gguf merge` as a
+        DONTNEED; --warm reads them into it instead: merge drops what it
+        has read) and run `lvllm gguf merge` as a
         subprocess: the merge's own time (after validation, fsync included),
         wall time, and peak RSS (the merge process's VmHWM at exit);
      b. copy baseline: evict again, `cat` the shards into one file + fsync
         (what any tool reading and writing these bytes on this disk pays);
-     c. disk baseline: write as many random bytes in 64 MiB chunks + fsync
+     c. disk baseline: write as many random bytes in 1 MiB chunks + fsync
         (only the writes and the fsync are timed);
   4. remove everything (unless --keep) and print a markdown report
      (--json FILE also writes the numbers).
@@ -42,9 +43,10 @@ import numpy as np
 GB = 1000**3
 MiB = 1024**2
 POOL_BYTES = 256 * MiB
-# Disk baseline write size. A cache-resident 1 MiB buffer: writing from a
-# 64 MiB one measured 0.6 GB/s where 1 MiB gave 1.6-1.8 GB/s on the same VM
-# (the big buffer makes the copy into the page cache DRAM-bound).
+# Disk baseline write size: the merge's own buffer size. A buffer that stays
+# in the CPU cache copies into the page cache faster: 8 GB written side by
+# side on the dev VM, 0.39-0.58 GB/s from a 64 MiB buffer, 0.68-0.69 from
+# 1 MiB.
 CHUNK = 1 * MiB
 
 # Qwen3-30B-A3B-like shapes (ggml order, ne): hidden 2048, 128 experts of 768
@@ -112,6 +114,15 @@ def evict(paths) -> None:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
+
+
+def warm_up(paths) -> None:
+    """Read these files into the page cache (for --warm)."""
+    buf = bytearray(1024 * 1024)
+    for p in paths:
+        with open(p, "rb", buffering=0) as f:
+            while f.readinto(buf):
+                pass
 
 
 def disk_write_baseline(path: Path, size: int, rng: np.random.Generator) -> float:
@@ -231,7 +242,7 @@ def write_model(path: Path, target: int, rng: np.random.Generator) -> tuple[int,
 
 
 # Runs the real CLI and, at exit, prints the process's own VmHWM (peak RSS of
-# its address space since exec). The rusage of a child (wait4,
+# its address space since exec) and where its lvllm_cli came from. The rusage of a child (wait4,
 # RUSAGE_CHILDREN) would also count the parent's pages it shared between fork
 # and exec, blaming this script's buffers on the merge.
 _MERGE_WRAPPER = """
@@ -240,6 +251,7 @@ def _report():
     for line in open("/proc/self/status"):
         if line.startswith("VmHWM:"):
             print("LVLLM_BENCH_VMHWM", int(line.split()[1]) * 1024, file=sys.stderr)
+    print("LVLLM_BENCH_MODULE", sys.modules["lvllm_cli"].__file__, file=sys.stderr)
 atexit.register(_report)
 sys.argv = ["lvllm"] + sys.argv[1:]
 from lvllm_cli.cli import main
@@ -250,7 +262,8 @@ main()
 def run_merge(first: Path, out: Path) -> dict:
     cmd = [sys.executable, "-c", _MERGE_WRAPPER, "gguf", "merge", str(first), str(out), "-q", "--json"]
     t0 = time.perf_counter()
-    # cwd: lvllm_cli must be the installed package, not a checkout in the cwd
+    # cwd: lvllm_cli comes from sys.path (the installed package, or a checkout
+    # named in PYTHONPATH, which the child inherits), not from the cwd
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=out.parent)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
@@ -259,6 +272,8 @@ def run_merge(first: Path, out: Path) -> dict:
     result["wall_seconds"] = wall
     peaks = [int(line.split()[1]) for line in proc.stderr.splitlines() if line.startswith("LVLLM_BENCH_VMHWM")]
     result["peak_rss_bytes"] = peaks[-1] if peaks else None
+    modules = [line.split(None, 1)[1] for line in proc.stderr.splitlines() if line.startswith("LVLLM_BENCH_MODULE")]
+    result["module"] = modules[-1] if modules else None
     return result
 
 
@@ -277,7 +292,7 @@ def main() -> None:
     ap.add_argument("--dir", type=Path, default=None, help="work directory (default: new one under /tmp)")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved merge/cat/disk-write rounds (medians)")
     ap.add_argument("--settle", type=float, default=10.0, help="seconds of quiet (after sync) before each measurement")
-    ap.add_argument("--warm", action="store_true", help="leave the shards in the page cache")
+    ap.add_argument("--warm", action="store_true", help="read the shards into the page cache before merge and cat")
     ap.add_argument("--keep", action="store_true", help="keep the files")
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--json", type=Path, default=None, help="also write the numbers here")
@@ -323,7 +338,9 @@ def main() -> None:
 
         def do_merge():
             nonlocal merged_bytes
-            if not args.warm:
+            if args.warm:
+                warm_up(shards)
+            else:
                 evict(shards)
             m = run_merge(shards[0], merged)
             merged_bytes = merged.stat().st_size
@@ -331,11 +348,14 @@ def main() -> None:
             samples["merge"].append(merged_bytes / m["seconds"] / GB)
             samples["merge_wall"].append(merged_bytes / m["wall_seconds"] / GB)
             samples["rss"].append(m["peak_rss_bytes"])
+            report["merge_module"] = m["module"]
             return f"merge {samples['merge'][-1]:.2f} GB/s (wall {samples['merge_wall'][-1]:.2f}), " \
                    f"peak RSS {m['peak_rss_bytes'] / MiB:.0f} MiB"
 
         def do_cat():
-            if not args.warm:
+            if args.warm:
+                warm_up(shards)
+            else:
                 evict(shards)
             secs = cat_baseline(shards, cat_out)
             n = cat_out.stat().st_size
@@ -390,7 +410,8 @@ def main() -> None:
 
 medians of {args.rounds} interleaved rounds; ranges (GB/s): merge {rng_of('merge')}, write+fsync {rng_of('disk_write')}, O_DIRECT {rng_of('direct_write')}, cat {rng_of('cat')}
 machine: {mach['cpu']}, {mach['cpus']} CPUs, {(mach['ram_bytes'] or 0) / 2**30:.0f} GiB RAM, kernel {mach['kernel']},
-{mach['filesystem']} on {mach['device']} (rotational flag {mach['rotational_flag']}), Python {mach['python']}, gguf {mach['gguf']}""")
+{mach['filesystem']} on {mach['device']} (rotational flag {mach['rotational_flag']}), Python {mach['python']}, gguf {mach['gguf']}
+merge ran {report.get('merge_module')}""")
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
 

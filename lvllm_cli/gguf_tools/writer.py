@@ -77,7 +77,7 @@ def write_outputs(plans: Sequence[OutputPlan], *, progress: ProgressFn | None = 
                 advance(len(plan.metadata))
                 for step in plan.steps:
                     if step.src not in sources:
-                        sources[step.src] = io.FileIO(step.src, "rb")
+                        sources[step.src] = copier.open_source(step.src)
                 for step in _runs(plan.steps, sources):
                     copier.copy(sources[step.src], step.offset, step.nbytes, dst, advance)
                     if step.pad:
