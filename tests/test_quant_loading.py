@@ -191,3 +191,31 @@ def test_rank_slice_follows_vllm_sharding():
     assert ql.rank_slice(scalar, "gate", 1, 2) is scalar
     with pytest.raises(UnsupportedQuantization, match="does not split evenly over 4"):
         ql.rank_slice(t, "down", 0, 4)
+
+
+@pytest.mark.parametrize("method", [FP8_BLOCK, INT4_G32], ids=lambda m: type(m).__name__)
+def test_widened_to_bf16_at_load_when_asked(monkeypatch, tmp_path, method):
+    monkeypatch.setattr("lvllm_cli.moe.layer.default_groups", lambda: [Group(-1, (-1,))])
+    E, H, I, M, k = 4, 256, 128, 7, 2
+    items, w13, w2 = checkpoint_layer(method, E, H, I, seed=int(np.random.default_rng().integers(1 << 30)))
+    outs = {}
+    for flag in ("0", "1"):
+        experts = plugin_core.CpuExperts({"LVLLM_METRICS_DIR": str(tmp_path), "LVLLM_EXPERTS_BF16": flag},
+                                         rank=0, world=1, max_tokens=16)
+        layer = load_rank(experts, method, items, E, H, I, 0, 1)
+        assert layer.weight_format == ("bfloat16" if flag == "1" else ql.scheme_for(method, LAYER).kind.replace("fp8", "fp8_e4m3"))
+        outs[flag] = layer
+    assert outs["1"].packed_bytes > 1.8 * outs["0"].packed_bytes  # 2 bytes per weight instead of 0.5-1
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(M, H, generator=g)
+    ids = torch.argsort(torch.rand(M, E, generator=g), dim=1)[:, :k].to(torch.int32).contiguous()
+    tw = torch.rand(M, k, generator=g)
+    ref = reference_moe(x.double().numpy(), w13, w2, ids.numpy(), tw.numpy())
+    assert rel_err(outs["1"].forward(x, ids, tw).double().numpy(), ref) <= 1e-2
+
+
+def test_bad_widen_setting_is_named(tmp_path):
+    experts = plugin_core.CpuExperts({"LVLLM_METRICS_DIR": str(tmp_path), "LVLLM_EXPERTS_BF16": "yes"},
+                                     rank=0, world=1, max_tokens=4)
+    with pytest.raises(ValueError, match=r"LVLLM_EXPERTS_BF16='yes': use 1"):
+        experts.new_layer(LAYER, 2, 128, 64, "", scheme=ql.scheme_for(INT4_G32, LAYER))

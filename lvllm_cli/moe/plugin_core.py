@@ -12,6 +12,7 @@ Environment (set by `lvllm serve`, see lvllm_cli/plan.py):
                            per parallel rank (tensor-parallel rank fastest)
   LK_THREADS / LK_CPUS / LK_NODES / LK_VIRTUAL_NODES   a single worker's placement
   LVLLM_METRICS_DIR        where each worker publishes its figures (monitor)
+  LVLLM_EXPERTS_BF16=1     widen quantized checkpoints' experts to bf16 at load
 """
 
 from __future__ import annotations
@@ -123,7 +124,12 @@ class CpuExperts:
         from lvllm_cli.moe.layer import MoELayer
         from lvllm_cli.moe.quant_loading import QuantAssembler
 
-        if scheme is None:
+        from lvllm_cli.moe.quant_loading import dequantize_at_load
+
+        if scheme is not None and dequantize_at_load(self.env):
+            layer = MoELayer.empty(experts, hidden, intermediate, "bfloat16", engine=self.engine)
+            self.assemblers[name] = QuantAssembler(layer, scheme, name)
+        elif scheme is None:
             layer = MoELayer.empty(experts, hidden, intermediate, dtype, engine=self.engine)
         else:
             layer = MoELayer.empty(experts, hidden, intermediate, scheme.kind, group_size=scheme.group,

@@ -130,14 +130,25 @@ def rank_slice(t: Any, part: str, tp_rank: int, tp_size: int):
     return t.narrow(dim, per * tp_rank, per)
 
 
+def dequantize_at_load(env) -> bool:
+    """LVLLM_EXPERTS_BF16=1: widen quantized experts to bf16 while loading (2-4x the RAM;
+    prefill then runs the bf16 AMX path without a per-call dequantization)."""
+    raw = env.get("LVLLM_EXPERTS_BF16", "").strip()
+    if raw not in ("", "0", "1"):
+        raise ValueError(f"LVLLM_EXPERTS_BF16={raw!r}: use 1 (widen quantized experts to bf16 at load) or 0")
+    return raw == "1"
+
+
 class QuantAssembler:
     """One CPU layer: holds each expert projection's codes or scales until the
-    other arrives, then converts and packs it into `layer` (a MoELayer)."""
+    other arrives, then converts and packs it into `layer` (a MoELayer): in the
+    checkpoint's format, or widened to bf16 when the layer holds bf16."""
 
     def __init__(self, layer: Any, scheme: QuantScheme, layer_name: str):
         self.layer = layer
         self.scheme = scheme
         self.layer_name = layer_name
+        self.widen = layer.weight_format == "bfloat16"
         self._pending: dict[tuple[int, str], dict[str, Any]] = {}
 
     def shape(self, part: str) -> tuple[int, int]:
@@ -153,7 +164,10 @@ class QuantAssembler:
         if len(slot) == 2:
             del self._pending[(expert, part)]
             q = self.convert(expert, part, slot["codes"], slot["scales"])
-            self.layer.load_expert_quantized(expert, part, q.codes, q.scales)
+            if self.widen:
+                self.layer.load_expert(expert, part, qf.dequantize(q))  # float32 -> the layer's bf16
+            else:
+                self.layer.load_expert_quantized(expert, part, q.codes, q.scales)
 
     def convert(self, expert: int, part: str, codes: Any, scales: Any) -> qf.Quantized:
         n_out, n_in = self.shape(part)
