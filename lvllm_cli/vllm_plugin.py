@@ -108,7 +108,9 @@ def _install() -> None:
                                    "", scheme=self.scheme)
                 if self.scheme.description not in state["formats"]:
                     state["formats"].add(self.scheme.description)
-                    log.info("lvllm: quantized experts on the CPU: %s", self.scheme.description)
+                    widened = " (widened to bf16 at load: LVLLM_EXPERTS_BF16=1)" \
+                        if quant_loading.dequantize_at_load(os.environ) else ""
+                    log.info("lvllm: quantized experts on the CPU: %s%s", self.scheme.description, widened)
                 return
             dtype = str(params_dtype).replace("torch.", "")
             for name, shape in (
