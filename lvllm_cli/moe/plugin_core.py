@@ -122,18 +122,16 @@ class CpuExperts:
     def new_layer(self, name: str, experts: int, hidden: int, intermediate: int, dtype: str, scheme=None):
         """A CPU layer of bf16/fp16 weights, or of the quantized format `scheme` (a quant_loading.QuantScheme)."""
         from lvllm_cli.moe.layer import MoELayer
-        from lvllm_cli.moe.quant_loading import QuantAssembler
+        from lvllm_cli.moe.quant_loading import QuantAssembler, dequantize_at_load
 
-        from lvllm_cli.moe.quant_loading import dequantize_at_load
-
-        if scheme is not None and dequantize_at_load(self.env):
-            layer = MoELayer.empty(experts, hidden, intermediate, "bfloat16", engine=self.engine)
-            self.assemblers[name] = QuantAssembler(layer, scheme, name)
-        elif scheme is None:
+        if scheme is None:
             layer = MoELayer.empty(experts, hidden, intermediate, dtype, engine=self.engine)
         else:
-            layer = MoELayer.empty(experts, hidden, intermediate, scheme.kind, group_size=scheme.group,
-                                   engine=self.engine)
+            if dequantize_at_load(self.env):  # the assembler widens each projection to this bf16 layer
+                layer = MoELayer.empty(experts, hidden, intermediate, "bfloat16", engine=self.engine)
+            else:
+                layer = MoELayer.empty(experts, hidden, intermediate, scheme.kind, group_size=scheme.group,
+                                       engine=self.engine)
             self.assemblers[name] = QuantAssembler(layer, scheme, name)
         self.layers[name] = layer
         self.cpu_layer_count += 1
