@@ -158,3 +158,13 @@ def screen_text(app) -> str:
     """What the terminal shows right now, as plain text lines."""
     strips = app.screen._compositor.render_strips()
     return "\n".join(s.text for s in strips)
+
+
+class Clock:
+    """A settable time source for the poller and the app (tests move `t`)."""
+
+    def __init__(self, t: float = 1000.0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t

@@ -14,22 +14,7 @@ import pytest
 from lvllm_cli.monitor.app import SERVER_EXITED, SERVER_KEPT, SERVER_STOPPED, ConfirmStop, MonitorApp, run_attached
 from lvllm_cli.monitor.poller import Poller
 from lvllm_cli.monitor.server import PopenServer
-from monitor_fakes import TTFT_BUCKETS, FakeVllm, ref_quantile, screen_text
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.t = 100.0
-
-    def __call__(self) -> float:
-        return self.t
-
-
-@pytest.fixture
-def fake():
-    f = FakeVllm().start()
-    yield f
-    f.stop()
+from monitor_fakes import TTFT_BUCKETS, Clock, FakeVllm, ref_quantile, screen_text
 
 
 def _ms(x: float) -> str:
@@ -42,7 +27,7 @@ def _tok(x: float) -> str:
 
 def test_dashboard_numbers_keys_and_resize(fake):
     async def main():
-        clock = Clock()
+        clock = Clock(100.0)
         poller = Poller(fake.url, local=False, clock=clock, rate_window_s=5.0, latency_window_s=30.0)
         app = MonitorApp(poller=poller, interval=3600)
         async with app.run_test(size=(150, 45)) as pilot:
@@ -119,7 +104,7 @@ def test_dashboard_waits_for_server_sees_it_go_and_come_back():
     async def main():
         port = _free_port()
         fake = FakeVllm()
-        clock = Clock()
+        clock = Clock(100.0)
         app = MonitorApp(poller=Poller(f"http://127.0.0.1:{port}", local=False, clock=clock), interval=3600)
         async with app.run_test(size=(150, 40)) as pilot:
             await app.poll_now()
@@ -258,7 +243,7 @@ def test_attached_server_that_dies(tmp_path):
 
 def test_no_figures_are_invented_for_an_idle_fresh_server(fake):
     async def main():
-        clock = Clock()
+        clock = Clock(100.0)
         app = MonitorApp(poller=Poller(fake.url, local=False, clock=clock), interval=3600)
         async with app.run_test(size=(150, 40)) as pilot:
             await app.poll_now()

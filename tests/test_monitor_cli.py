@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from monitor_fakes import ITL_BUCKETS, TTFT_BUCKETS, FakeVllm, ref_quantile
+from monitor_fakes import ITL_BUCKETS, TTFT_BUCKETS, ref_quantile
 
 
 def lvllm(*args, env=None, timeout=60):
@@ -22,13 +22,6 @@ def lvllm(*args, env=None, timeout=60):
         if env is None or key not in env:
             full_env.pop(key, None)
     return subprocess.run([exe, *args], capture_output=True, text=True, timeout=timeout, env=full_env, stdin=subprocess.DEVNULL)
-
-
-@pytest.fixture
-def fake():
-    f = FakeVllm().start()
-    yield f
-    f.stop()
 
 
 def test_once_json_rates_and_percentiles(fake, tmp_path):

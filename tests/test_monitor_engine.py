@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from lvllm_cli.monitor import engine_metrics as em
 from lvllm_cli.monitor.poller import Poller, snapshot
-from monitor_fakes import FakeVllm, close
+from monitor_fakes import Clock, close
 
 
 def test_metrics_dir_rule():
@@ -92,21 +92,6 @@ class Worker:
         write_to_textfile(str(self.path), self.reg)
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.t = 50.0
-
-    def __call__(self) -> float:
-        return self.t
-
-
-@pytest.fixture
-def fake():
-    f = FakeVllm().start()
-    yield f
-    f.stop()
-
-
 def test_engine_figures_sum_workers_and_survive_one_leaving(tmp_path, fake):
     d = tmp_path / "metrics"
     d.mkdir(mode=0o700)
@@ -114,7 +99,7 @@ def test_engine_figures_sum_workers_and_survive_one_leaving(tmp_path, fake):
     workers = [Worker(d, 100 + i, threads=8) for i in range(2)]
     for w in workers:
         w.write()
-    clock = Clock()
+    clock = Clock(50.0)
     poller = Poller(fake.url, rate_window_s=4.0, local=True, metrics_dirs=[d], system=False, clock=clock)
     frame = poller.poll()
     assert frame.engine is not None and frame.engine.workers == 2 and frame.engine.threads == 16
@@ -158,7 +143,7 @@ def test_engine_figures_sum_workers_and_survive_one_leaving(tmp_path, fake):
 
 
 def test_engine_panel_states(tmp_path, fake):
-    clock = Clock()
+    clock = Clock(50.0)
     missing = tmp_path / "nope"
     frame = Poller(fake.url, local=True, metrics_dirs=[missing], system=False, clock=clock).poll()
     assert frame.engine is None and frame.engine_note == "no CPU-expert figures (plugin not active)"

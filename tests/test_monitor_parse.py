@@ -138,13 +138,6 @@ def test_roundtrip_random_labels(labels, value):
 # ---------------------------------------------------------------- fetch
 
 
-@pytest.fixture
-def fake():
-    f = FakeVllm().start()
-    yield f
-    f.stop()
-
-
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(body=st.binary(max_size=300))
 def test_fuzz_fetch_layer_with_garbage_bodies(fake, body):

@@ -15,17 +15,9 @@ from rich.console import Console
 
 from lvllm_cli.monitor import view
 from lvllm_cli.monitor.poller import Poller, snapshot
-from monitor_fakes import E2E_BUCKETS, ITL_BUCKETS, TTFT_BUCKETS, FakeVllm, close, ref_quantile
+from monitor_fakes import E2E_BUCKETS, ITL_BUCKETS, TTFT_BUCKETS, Clock, FakeVllm, close, ref_quantile
 
 LABELSETS = [("qwen", "0"), ("qwen", "1"), ("glm", "0")]
-
-
-class Clock:
-    def __init__(self, t: float = 1000.0) -> None:
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
 
 
 class Model:
@@ -77,13 +69,6 @@ class Model:
     def expected_obs(self, kind: str, seconds: float, keep) -> list[float]:
         i0 = self.first_in_window(seconds)
         return [x for step in self.obs[i0 + 1:] for ls, xs in step[kind].items() if keep(ls) for x in xs]
-
-
-@pytest.fixture
-def fake():
-    f = FakeVllm().start()
-    yield f
-    f.stop()
 
 
 def _check(frame, m: Model, keep, rate_w: float, lat_w: float) -> None:
