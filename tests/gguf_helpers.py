@@ -91,10 +91,11 @@ def moe_kvs(rng: np.random.Generator, n_layers: int) -> list[tuple[str, Any, VT,
 
 def write_gguf(path: os.PathLike[str] | str, kvs: Iterable[tuple[str, Any, VT, VT | None]],
                tensors: Iterable[tuple[str, np.ndarray, QT]], *, alignment: int | None = None,
-               arch: str | None = None) -> Path:
+               arch: str | None = None, **writer_options: Any) -> Path:
     """A GGUF with exactly these KVs in this order (no automatic
-    general.architecture unless `arch`), then these tensors in this order."""
-    w = gguf.GGUFWriter(path, arch or "unused")
+    general.architecture unless `arch`), then these tensors in this order.
+    writer_options go to gguf.GGUFWriter (e.g. split_max_tensors: its own splitter)."""
+    w = gguf.GGUFWriter(path, arch or "unused", **writer_options)
     w.kv_data[0].clear()
     if arch:
         w.add_architecture()

@@ -48,16 +48,21 @@ def e4m3_ref(b: np.ndarray) -> np.ndarray:
     return sign * np.where(e == 0, m / 8.0 * 2.0**-6, (1.0 + m / 8.0) * 2.0 ** (e - 7.0))
 
 
+def pack_words(nibbles: np.ndarray) -> np.ndarray:
+    """[..., 8] nibbles -> int32 words, nibble i at bits 4i."""
+    words = np.zeros(nibbles.shape[:-1], dtype=np.uint64)
+    for i in range(8):
+        words |= nibbles[..., i].astype(np.uint64) << np.uint64(4 * i)
+    return words.astype(np.uint32).view(np.int32)
+
+
 def pack_nibbles_ct(codes: np.ndarray) -> np.ndarray:
     """compressed-tensors pack-quantized from its published layout: code + 8 in nibble k % 8 of
     int32 word k // 8 along the input dimension (zero-padded to a whole word)."""
     out, n_in = codes.shape
-    nib = np.zeros((out, -(-n_in // 8) * 8), dtype=np.uint64)
-    nib[:, :n_in] = (codes.astype(np.int64) + 8).astype(np.uint64)
-    words = np.zeros((out, nib.shape[1] // 8), dtype=np.uint64)
-    for i in range(8):
-        words |= nib[:, i::8] << np.uint64(4 * i)
-    return words.astype(np.uint32).view(np.int32)
+    nib = np.zeros((out, -(-n_in // 8) * 8), dtype=np.int64)
+    nib[:, :n_in] = codes.astype(np.int64) + 8
+    return pack_words(nib.reshape(out, -1, 8))
 
 
 def as_f64(t):

@@ -146,15 +146,7 @@ def test_merges_shards_written_by_gguf_py(tmp_path):
     from gguf_helpers import moe_kvs, moe_tensors
 
     kvs, tensors = moe_kvs(rng, 2), moe_tensors(rng, 2)
-    w = gguf.GGUFWriter(tmp_path / "hf.gguf", "qwen3moe", split_max_tensors=4)
-    for key, value, vtype, sub in kvs:
-        w.add_key_value(key, value, vtype, sub_type=sub)
-    for name, data, qtype in tensors:
-        w.add_tensor(name, data, raw_dtype=qtype)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    write_gguf(tmp_path / "hf.gguf", kvs, tensors, arch="qwen3moe", split_max_tensors=4)
     first = tmp_path / "hf-00001-of-00005.gguf"
     out = merge(first, tmp_path / "m.gguf").output
     ref_kvs = [("general.architecture", "qwen3moe", VT.STRING, None)] + kvs + split_kvs(0, 0, len(tensors))

@@ -11,7 +11,7 @@ from lvllm_cli import _lk_moe as lk
 from lvllm_cli.moe import MoELayer, get_engine
 from lvllm_cli.moe import quant_formats as qf
 from lvllm_cli.moe.placement import Group
-from moe_reference import e4m3_ref, reference_moe, rel_err
+from moe_reference import e4m3_ref, pack_words, reference_moe, rel_err
 
 ISAS = [isa for isa in ("scalar", "avx2", "avx512", "avx512_bf16", "amx") if lk.isa_supported(isa)]
 
@@ -109,14 +109,6 @@ def test_bad_quantized_input_is_named():
 
 
 # --- converters: packings written here from the published layouts ---------------------------------
-
-def pack_words(nibbles: np.ndarray) -> np.ndarray:
-    """[..., 8] nibbles -> int32 words, nibble i at bits 4i."""
-    words = np.zeros(nibbles.shape[:-1], dtype=np.uint64)
-    for i in range(8):
-        words |= nibbles[..., i].astype(np.uint64) << np.uint64(4 * i)
-    return words.astype(np.uint32).view(np.int32)
-
 
 @pytest.fixture()
 def int4_weight():
