@@ -164,46 +164,37 @@ def _install() -> None:
         def _lvllm_load(self, loaded_weight, weight_name, shard_id, expert_id) -> bool:
             method: LvllmCpuMoEMethod = self.quant_method
             if method.scheme is not None:
-                return self._lvllm_load_quantized(method, loaded_weight, weight_name, shard_id, expert_id)
-            if "weight" not in weight_name or "scale" in weight_name or shard_id not in ("w1", "w2", "w3"):
+                what = quant_loading.role(weight_name, method.scheme)  # codes / scales, or a message
+                if what is None:
+                    return True  # activation scales, shapes: nothing the CPU needs
+                loadable = True
+            else:
+                loadable = "weight" in weight_name and "scale" not in weight_name
+            if not loadable or shard_id not in quant_loading.SHARD_PARTS:
                 raise RuntimeError(f"{self.layer_name}: cannot load {weight_name!r} ({shard_id}) onto the CPU experts")
             if loaded_weight.dim() == 3:  # a fused [E, ...] tensor handed to the loader directly
                 return all([self._lvllm_load(w, weight_name, shard_id, e) for e, w in enumerate(loaded_weight.unbind())])
             local = self._map_global_expert_id_to_local_expert_id(expert_id)
             if local == -1:
                 return False  # another rank's expert (expert parallel)
-            engine_layer = method.cpu.layers[method.layer_name]
             src = loaded_weight.to("cpu")
+            part = quant_loading.SHARD_PARTS[shard_id]
             tp_rank = self.moe_config.tp_rank
+            if method.scheme is not None:
+                mine = quant_loading.rank_slice(src, part, tp_rank, self.moe_config.moe_parallel_config.tp_size)
+                method.cpu.add_quantized(method.layer_name, local, part, what, mine)
+                return True
+            engine_layer = method.cpu.layers[method.layer_name]
             I, H = engine_layer.intermediate, engine_layer.hidden
             # vLLM's own slicing (TP narrowing, padding rules) into a one-expert staging tensor.
-            if shard_id == "w2":
+            if part == "down":
                 staging = torch.zeros(H, I, dtype=src.dtype)
                 self._load_w2(expert_data=staging, shard_dim=1, loaded_weight=src, tp_rank=tp_rank)
-                engine_layer.load_expert(local, "down", staging)
+                engine_layer.load_expert(local, part, staging)
             else:
                 staging = torch.zeros(2 * I, H, dtype=src.dtype)
                 self._load_w13(expert_data=staging, shard_dim=0, shard_id=shard_id, loaded_weight=src, tp_rank=tp_rank)
-                half = staging[:I] if shard_id == "w1" else staging[I:]
-                engine_layer.load_expert(local, "gate" if shard_id == "w1" else "up", half)
-            return True
-
-        def _lvllm_load_quantized(self, method, loaded_weight, weight_name, shard_id, expert_id) -> bool:
-            what = quant_loading.role(weight_name, method.scheme)
-            if what is None:
-                return True  # activation scales, shapes: nothing the CPU needs
-            if shard_id not in quant_loading.SHARD_PARTS:
-                raise RuntimeError(f"{self.layer_name}: cannot load {weight_name!r} ({shard_id}) onto the CPU experts")
-            if loaded_weight.dim() == 3:  # a fused [E, ...] tensor handed to the loader directly
-                return all([self._lvllm_load_quantized(method, w, weight_name, shard_id, e)
-                            for e, w in enumerate(loaded_weight.unbind())])
-            local = self._map_global_expert_id_to_local_expert_id(expert_id)
-            if local == -1:
-                return False  # another rank's expert (expert parallel)
-            part = quant_loading.SHARD_PARTS[shard_id]
-            mine = quant_loading.rank_slice(loaded_weight.to("cpu"), part, self.moe_config.tp_rank,
-                                            self.moe_config.moe_parallel_config.tp_size)
-            method.cpu.add_quantized(method.layer_name, local, part, what, mine)
+                engine_layer.load_expert(local, part, staging[:I] if part == "gate" else staging[I:])
             return True
 
     LvllmRoutedExperts.weight_loader.supports_moe_loading = True  # type: ignore[attr-defined]
