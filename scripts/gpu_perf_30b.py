@@ -33,7 +33,7 @@ def gib_loaded(log: Path) -> float | None:
 
 def main() -> None:
     from lvllm_cli import _lk_moe as lk
-    from lvllm_cli.moe import get_engine
+    from lvllm_cli.moe import get_engine, timing
     from lvllm_cli.tiny_models import write_model_shape
 
     out = Path(sys.argv[1])
@@ -67,6 +67,8 @@ def main() -> None:
     for name in variants:
         shape, env, args = runs[name]
         log = logs / f"30b-{name}.log"
+        if env:  # where batch-1 time goes (lvllm_cli/moe/timing.py)
+            env = {**env, "LVLLM_TIMING_FILE": str(logs / f"30b-{name}-timing.json")}
         r = vllm_run(models[shape], logs / f"30b-{name}.json", log, env, [*args, "--gpu-util", "0.85"])
         if "error" in r:
             report[name] = {"error": r["error"]}
@@ -77,6 +79,10 @@ def main() -> None:
         streamed = EXPERT_BYTES_PER_TOKEN * STREAMED_BYTES_PER_WEIGHT[shape] / 2
         report[name]["roofline_tokens_per_s"] = round(bw * 1e9 / streamed, 2)
         report[name]["batch1_pct_of_roofline"] = round(100 * b1 / report[name]["roofline_tokens_per_s"], 1)
+        t = r.get("timing_batch1")
+        if t and t.get("before") and t.get("after"):
+            report[name]["batch1_ms_per_token"] = {"measured": round(1e3 / b1, 2),
+                                                   **timing.per_token_ms(t["before"], t["after"], LAYERS)}
         print(name, json.dumps(report[name]), flush=True)
     if "lvllm_graphs" in report and "stock_offload" in report and "bench" in report.get("stock_offload", {}):
         a = report["lvllm_graphs"]["bench"][0]["tokens_per_s"]

@@ -19,3 +19,14 @@ for isa in ("avx2", "avx512", "avx512_bf16", "amx"):
             ns = lk.kernel_ns(isa, "bfloat16", n, K, 300, pad)
             cells.append(f"pad{pad:<2} {ns:9.0f} ns {2 * n * 32 * K / ns:7.1f} GF/s")
         print(f"{isa:12} n={n:<3} " + " | ".join(cells))
+print("quantized decode kernels: GB/s per core of panel bytes (codes + fp16 scales), data in cache")
+for isa in ("avx2", "avx512", "avx512_bf16"):
+    if not lk.isa_supported(isa):
+        continue
+    for kind, G in (("int4", 32), ("int4", 128), ("fp8", 128)):
+        panel = K * 32 * (0.5 if kind == "int4" else 1) + K // G * 32 * 2
+        cells = []
+        for n in (1, 2, 4):
+            ns = lk.qkernel_ns(isa, kind, n, K, G, 2000)
+            cells.append(f"n={n} {ns:8.0f} ns {panel / ns:6.2f} GB/s")
+        print(f"{isa:12} {kind} G={G:<4} " + " | ".join(cells))

@@ -25,6 +25,18 @@ def prompts(n: int = 16, seed: int = 0) -> list[list[int]]:
     return [[rng.randrange(3, 259) for _ in range(rng.randrange(5, 40))] for _ in range(n)]
 
 
+def timing_snapshot() -> dict | None:
+    """The plugin worker's counters (LVLLM_TIMING_FILE, rewritten each second): wait for a fresh one."""
+    path = os.environ.get("LVLLM_TIMING_FILE")
+    if not path:
+        return None
+    time.sleep(1.5)
+    try:
+        return json.load(open(path))
+    except (OSError, ValueError):
+        return None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("model")
@@ -86,10 +98,13 @@ def main() -> None:
             run(batch, short)  # warm-up
             t1 = time.perf_counter()
             run(batch, short)
+            short_s = time.perf_counter() - t1
+            before = timing_snapshot() if conc == 1 else None
             t2 = time.perf_counter()
             run(batch, long)
-            t3 = time.perf_counter()
-            decode_s = (t3 - t2) - (t2 - t1)  # the extra max_tokens steps only: prefill cancels out
+            decode_s = (time.perf_counter() - t2) - short_s  # the extra max_tokens steps only: prefill cancels out
+            if before is not None:
+                result["timing_batch1"] = {"before": before, "after": timing_snapshot()}
             result["bench"].append({"concurrency": conc, "decode_tokens": conc * a.max_tokens,
                                     "decode_s": round(decode_s, 3),
                                     "tokens_per_s": round(conc * a.max_tokens / decode_s, 2),

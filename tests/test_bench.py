@@ -44,3 +44,17 @@ def test_tiny_run_fills_every_row(monkeypatch):
         assert (r.torch_ratio is not None) == (r.dtype == "bfloat16")
     with pytest.raises(ValueError, match="unknown expert dtype"):
         bench.bench_moe(["tiny"], dtypes=("int3",), threads=1)
+
+
+def test_kernel_microbench_entry_points_time_and_refuse_bad_shapes():
+    from lvllm_cli import _lk_moe as lk
+
+    assert lk.kernel_ns("scalar", "bfloat16", 1, 64, 2) > 0
+    for kind in ("int4", "fp8"):
+        assert lk.qkernel_ns("scalar", kind, 2, 128, 64, 2) > 0
+    with pytest.raises(ValueError, match="kind must be int4 or fp8"):
+        lk.qkernel_ns("scalar", "int8", 1, 128, 32)
+    with pytest.raises(ValueError, match="G dividing K"):
+        lk.qkernel_ns("scalar", "int4", 1, 128, 96)
+    with pytest.raises(ValueError, match="unknown ISA"):
+        lk.qkernel_ns("sse9", "int4", 1, 128, 32)

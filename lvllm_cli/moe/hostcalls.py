@@ -106,6 +106,10 @@ class InOrderExecutor:
     def copy(self, dst, src) -> None:
         self._q.put(lambda: dst.copy_(src))
 
+    def enqueue(self, fn) -> None:
+        """Any other work in stream order (stands in for the GPU's kernels between layers)."""
+        self._q.put(fn)
+
     def host_submit(self, call: int) -> None:
         self._q.put(lambda: self._lk.run_hostfn_submit(call))
 

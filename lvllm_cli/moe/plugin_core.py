@@ -13,6 +13,8 @@ Environment (set by `lvllm serve`, see lvllm_cli/plan.py):
   LK_THREADS / LK_CPUS / LK_NODES / LK_VIRTUAL_NODES   a single worker's placement
   LVLLM_METRICS_DIR        where each worker publishes its figures (monitor)
   LVLLM_EXPERTS_BF16=1     widen quantized checkpoints' experts to bf16 at load
+  LVLLM_TIMING_FILE        where each second a JSON snapshot of the engine's and host
+                           functions' counters goes (moe/timing.py; benchmarks)
 """
 
 from __future__ import annotations
@@ -220,6 +222,7 @@ class MetricsExporter(threading.Thread):
         self.experts = experts
         self.directory = engine_metrics.prepare_dir(directory or engine_metrics.metrics_dir(experts.env))
         self.period_s = period_s
+        self.timing_file = experts.env.get("LVLLM_TIMING_FILE") or None
         self._stop = threading.Event()
 
     def snapshot_text(self) -> str:
@@ -232,6 +235,11 @@ class MetricsExporter(threading.Thread):
 
     def write_once(self) -> None:
         self._em.write_metrics_file(self.directory, self.snapshot_text())
+        if self.timing_file:
+            from lvllm_cli.moe import native, timing
+
+            times = native.load().hostfn_times()
+            timing.write_snapshot(self.timing_file, timing.snapshot(self.experts.engine.stats(), times))
 
     def run(self) -> None:
         warned = False

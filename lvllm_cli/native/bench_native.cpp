@@ -108,4 +108,27 @@ double kernel_ns(Isa isa, DType weights, int n, int K, int reps, int ld_pad) {
   return (now_s() - t0) * 1e9 / reps;
 }
 
+double qkernel_ns(Isa isa, WKind kind, int n, int K, int G, int reps) {
+  const KernelSet* ks = kernel_set(isa, DType::bf16);
+  if (!ks || !isa_supported(isa)) return -1.0;
+  auto dot = kind == WKind::int4 ? ks->q4_dot : ks->f8_dot;
+  if (!dot) return -1.0;
+  const size_t ld = size_t(K) + 32, es = dtype_size(ks->act);
+  std::vector<uint8_t> panel(qpanel_bytes(kind, K, G));
+  uint64_t s = 88172645463325252ull;
+  for (auto& v : panel) { s ^= s << 13; s ^= s >> 7; s ^= s << 17; v = uint8_t(s); }
+  // Scales: fp16 0.01 (random bits could be inf/nan and slow nothing down, but keep the arithmetic ordinary).
+  uint16_t* sc = reinterpret_cast<uint16_t*>(panel.data() + qpanel_data_bytes(kind, K));
+  for (size_t i = 0; i < size_t(K / G) * 32; ++i) sc[i] = 0x211f;
+  if (kind == WKind::fp8)  // no NaN codes (0x7f / 0xff)
+    for (size_t i = 0; i < qpanel_data_bytes(kind, K); ++i) panel[i] &= 0xbf;
+  std::vector<char> x((size_t(n) + 32) * ld * es);
+  std::vector<float> y((size_t(n) + 32) * 32);
+  for (size_t i = 0; i < (size_t(n) + 32) * ld; ++i) store_from_f32(x.data(), i, ks->act, float(int(i % 13) - 6) * 0.1f);
+  dot(x.data(), ld, n, panel.data(), K, G, y.data());
+  double t0 = now_s();
+  for (int r = 0; r < reps; ++r) dot(x.data(), ld, n, panel.data(), K, G, y.data());
+  return (now_s() - t0) * 1e9 / reps;
+}
+
 }  // namespace lk

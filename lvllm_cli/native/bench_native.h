@@ -21,5 +21,7 @@ std::vector<double> time_layers(const std::vector<MoELayer*>& layers, const Forw
 // Nanoseconds per panel_dot call of one kernel family on data that stays in
 // cache (n token rows, K inputs): the kernel's compute speed, not memory's.
 double kernel_ns(Isa isa, DType weights, int n, int K, int reps, int ld_pad = 32);
+// The same for a quantized panel (int4 or fp8, group G) through the family's decode kernel.
+double qkernel_ns(Isa isa, WKind kind, int n, int K, int G, int reps);
 
 }  // namespace lk

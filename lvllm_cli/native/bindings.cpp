@@ -100,6 +100,7 @@ nb::dict stats_dict(const lk::EngineStats& s) {
   ph["route"] = s.route_ns; ph["gather"] = s.gather_ns; ph["gate_up"] = s.gateup_ns; ph["down"] = s.down_ns;
   ph["reduce"] = s.reduce_ns; ph["gate_up_work_max"] = s.gateup_work_max_ns; ph["gate_up_work_mean"] = s.gateup_work_mean_ns;
   ph["down_work_max"] = s.down_work_max_ns; ph["down_work_mean"] = s.down_work_mean_ns;
+  ph["wake_first"] = s.wake_first_ns; ph["wake_last"] = s.wake_last_ns;
   d["phase_ns"] = ph;
   return d;
 }
@@ -297,6 +298,15 @@ NB_MODULE(_lk_moe, m) {
     return lk::kernel_ns(i, parse_dtype(weights), n, K, std::max(1, reps), std::max(0, ld_pad));
   }, "isa"_a, "weights"_a, "n"_a, "K"_a, "reps"_a = 100, "ld_pad"_a = 32,
      "ns per panel_dot (32 rows x K, n tokens) with data in cache; -1 when the family cannot run here.");
+  m.def("qkernel_ns", [](const std::string& isa, const std::string& kind, int n, int K, int G, int reps) {
+    lk::Isa i;
+    if (!lk::isa_from_name(isa, &i)) throw nb::value_error(("unknown ISA variant: " + isa).c_str());
+    if (kind != "int4" && kind != "fp8") throw nb::value_error("kind must be int4 or fp8");
+    if (n < 1 || K < 32 || K % 32 || G < 32 || G % 32 || K % G) throw nb::value_error("need n >= 1, K and G multiples of 32, G dividing K");
+    nb::gil_scoped_release release;
+    return lk::qkernel_ns(i, kind == "int4" ? lk::WKind::int4 : lk::WKind::fp8, n, K, G, std::max(1, reps));
+  }, "isa"_a, "kind"_a, "n"_a, "K"_a, "G"_a, "reps"_a = 100,
+     "ns per quantized decode dot (32 rows x K, n tokens, group G) with data in cache; -1 when the family has none.");
 
   lk::bind_hostfn(m);
 }

@@ -1,11 +1,17 @@
 // Small shared helpers: element types, conversions, rounding.
 #pragma once
+#include <chrono>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
 
 namespace lk {
+
+// Steady clock in ns: the engine's phase marks and the host functions' timing share it.
+inline int64_t now_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
 
 enum class DType : int { f32 = 0, bf16 = 1, f16 = 2 };
 

@@ -1,17 +1,13 @@
 #include "engine.h"
 
 #include <algorithm>
+#include <climits>
 #include <array>
-#include <chrono>
 #include <stdexcept>
 
 namespace lk {
 
 namespace {
-
-int64_t now_ns() {
-  return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch()).count();
-}
 
 // Rows handed to one panel_dot call: bounds the per-worker y scratch (32 KB)
 // and keeps it in L1/L2; a multiple of 32 so AMX tiles stay full.
@@ -142,6 +138,7 @@ EngineStats Engine::stats() const {
   s.busy_ns = busy_ns_.load();
   s.route_ns = ph_[0]; s.gather_ns = ph_[1]; s.gateup_ns = ph_[2]; s.down_ns = ph_[3]; s.reduce_ns = ph_[4];
   s.gateup_work_max_ns = ph_[5]; s.gateup_work_mean_ns = ph_[6]; s.down_work_max_ns = ph_[7]; s.down_work_mean_ns = ph_[8];
+  s.wake_first_ns = ph_[9]; s.wake_last_ns = ph_[10];
   return s;
 }
 
@@ -451,6 +448,7 @@ void Engine::wait() {
   pool_->wait();
   Job& j = *job_;
   if (!j.is_pf && j.layer) {
+    last_end_ns_.store(j.end_ns.load(), std::memory_order_relaxed);
     busy_ns_.fetch_add(uint64_t(j.end_ns.load() - j.start_ns), std::memory_order_relaxed);
     assignments_.fetch_add(uint64_t(j.A), std::memory_order_relaxed);
     invalid_.fetch_add(j.invalid.exchange(0), std::memory_order_relaxed);
@@ -460,8 +458,10 @@ void Engine::wait() {
     ph_[2] += m0[4] - m0[2];
     ph_[3] += m0[6] - m0[4];
     ph_[4] += m0[7] - m0[6];
-    int64_t p1max = 0, p1sum = 0, p2max = 0, p2sum = 0;
+    int64_t p1max = 0, p1sum = 0, p2max = 0, p2sum = 0, first = INT64_MAX, last = 0;
     for (const auto& m : j.marks) {
+      first = std::min(first, m[0]);
+      last = std::max(last, m[0]);
       p1max = std::max(p1max, m[3] - m[2]);
       p1sum += m[3] - m[2];
       p2max = std::max(p2max, m[5] - m[4]);
@@ -472,6 +472,8 @@ void Engine::wait() {
     ph_[6] += p1sum / n;
     ph_[7] += p2max;
     ph_[8] += p2sum / n;
+    ph_[9] += first - j.start_ns;
+    ph_[10] += last - j.start_ns;
     j.layer = nullptr;
   }
 }

@@ -53,6 +53,9 @@ struct EngineStats {
   // is load imbalance).
   uint64_t route_ns = 0, gather_ns = 0, gateup_ns = 0, down_ns = 0, reduce_ns = 0;
   uint64_t gateup_work_max_ns = 0, gateup_work_mean_ns = 0, down_work_max_ns = 0, down_work_mean_ns = 0;
+  // Sums over calls, ns: submit -> the first / the last worker starting the
+  // job (wake-up latency; a late last worker is a descheduled one).
+  uint64_t wake_first_ns = 0, wake_last_ns = 0;
 };
 
 class Engine {
@@ -70,6 +73,9 @@ class Engine {
   void submit(MoELayer* layer, const ForwardArgs& args);
   void wait();
   bool idle() const { return pool_->done(); }
+  // When the last job waited for finished (steady clock, ns): the host
+  // functions' timing compares it with when the stream reached the wait.
+  int64_t last_end_ns() const { return last_end_ns_.load(std::memory_order_relaxed); }
 
   // Make room for `tokens` x `k` so later calls do not allocate.
   void reserve(int tokens, int k, const MoELayer& layer);
@@ -91,8 +97,8 @@ class Engine {
   std::unique_ptr<Job> job_;
   std::mutex submit_mu_;
   std::atomic<uint64_t> calls_{0}, tokens_{0}, assignments_{0}, invalid_{0}, busy_ns_{0};
-  std::atomic<uint64_t> ph_[9] = {};
-  int64_t t_submit_ = 0;
+  std::atomic<uint64_t> ph_[11] = {};
+  std::atomic<int64_t> last_end_ns_{0};
 };
 
 enum class Part : int { gate = 0, up = 1, down = 2, gate_up = 3 };

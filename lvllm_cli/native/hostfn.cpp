@@ -6,14 +6,71 @@
 #include <nanobind/stl/pair.h>
 #include <nanobind/stl/string.h>
 
+#include <algorithm>
+#include <atomic>
 #include <mutex>
 #include <string>
 
 namespace nb = nanobind;
 using namespace nb::literals;
 
+namespace lk {
+namespace {
+
+// Written only by CUDA's callback thread (or the stand-in executor's), read by the metrics thread.
+struct TimeSums {
+  std::atomic<uint64_t> calls{0}, gaps{0}, gap_ns{0}, submit_ns{0}, to_wait_ns{0}, wait_ns{0}, done_to_return_ns{0};
+  std::atomic<int64_t> last_return_ns{0};
+};
+TimeSums g_times;
+constexpr int64_t kIdleGapNs = 50'000'000;
+
+void add(std::atomic<uint64_t>& a, int64_t v) { a.fetch_add(uint64_t(std::max<int64_t>(v, 0)), std::memory_order_relaxed); }
+
+void record(const HostCall& c, int64_t wait_entered, int64_t wait_returned, int64_t engine_done) {
+  const int64_t prev = g_times.last_return_ns.exchange(wait_returned, std::memory_order_relaxed);
+  if (c.args.M != 1) return;
+  add(g_times.calls, 1);
+  const int64_t gap = c.submit_entered_ns - prev;
+  if (prev > 0 && gap >= 0 && gap < kIdleGapNs) {
+    add(g_times.gaps, 1);
+    add(g_times.gap_ns, gap);
+  }
+  add(g_times.submit_ns, c.submit_returned_ns - c.submit_entered_ns);
+  add(g_times.to_wait_ns, wait_entered - c.submit_returned_ns);
+  add(g_times.wait_ns, wait_returned - wait_entered);
+  add(g_times.done_to_return_ns, wait_returned - std::max(engine_done, wait_entered));
+}
+
+}  // namespace
+
+HostFnTimes hostfn_times() {
+  HostFnTimes t;
+  t.calls = g_times.calls.load();
+  t.gaps = g_times.gaps.load();
+  t.gap_ns = g_times.gap_ns.load();
+  t.submit_ns = g_times.submit_ns.load();
+  t.to_wait_ns = g_times.to_wait_ns.load();
+  t.wait_ns = g_times.wait_ns.load();
+  t.done_to_return_ns = g_times.done_to_return_ns.load();
+  return t;
+}
+
+void reset_hostfn_times() {
+  for (auto* a : {&g_times.calls, &g_times.gaps, &g_times.gap_ns, &g_times.submit_ns, &g_times.to_wait_ns, &g_times.wait_ns,
+                  &g_times.done_to_return_ns})
+    a->store(0);
+  g_times.last_return_ns.store(0);
+}
+
+}  // namespace lk
+
+// Writes the steady clock (ns) to *(int64_t*)slot: for measuring how late host functions run.
+extern "C" void lk_hostfn_stamp(void* slot) { *static_cast<int64_t*>(slot) = lk::now_ns(); }
+
 extern "C" void lk_hostfn_submit(void* p) {
   lk::HostCall* c = static_cast<lk::HostCall*>(p);
+  c->submit_entered_ns = lk::now_ns();
   // CUDA's callback thread submits and then waits: keep it off the workers' cores (once per thread).
   static thread_local bool placed = false;
   if (!placed) {
@@ -21,11 +78,15 @@ extern "C" void lk_hostfn_submit(void* p) {
     placed = true;
   }
   c->layer->engine().submit(c->layer, c->args);
+  c->submit_returned_ns = lk::now_ns();
 }
 
 extern "C" void lk_hostfn_wait(void* p) {
   lk::HostCall* c = static_cast<lk::HostCall*>(p);
-  c->layer->engine().wait();
+  const int64_t entered = lk::now_ns();
+  lk::Engine& engine = c->layer->engine();
+  engine.wait();
+  lk::record(*c, entered, lk::now_ns(), engine.last_end_ns());
   if (c->owned_by_stream) delete c;
 }
 
@@ -101,6 +162,17 @@ void bind_hostfn(nb::module_& m) {
         "cuLaunchHostFunc(stream, submit, call).");
   m.def("enqueue_wait", [](uintptr_t stream, uintptr_t c) { enqueue(stream, c, &lk_hostfn_wait); }, "stream"_a, "call"_a,
         "cuLaunchHostFunc(stream, wait, call).");
+  m.def("enqueue_stamp", [](uintptr_t stream, uintptr_t slot) { enqueue(stream, slot, &lk_hostfn_stamp); }, "stream"_a,
+        "slot"_a, "cuLaunchHostFunc(stream, write now_ns() to the int64 at `slot`): host-function latency benchmarks.");
+  m.def("now_ns", &now_ns, "The steady clock the host functions stamp with (ns).");
+  m.def("hostfn_times", []() {
+    const HostFnTimes t = hostfn_times();
+    nb::dict d;
+    d["calls"] = t.calls; d["gaps"] = t.gaps; d["gap_ns"] = t.gap_ns; d["submit_ns"] = t.submit_ns;
+    d["to_wait_ns"] = t.to_wait_ns; d["wait_ns"] = t.wait_ns; d["done_to_return_ns"] = t.done_to_return_ns;
+    return d;
+  }, "Sums over one-token host calls of this process: where a CPU layer's time goes as the stream sees it (see hostfn.h).");
+  m.def("reset_hostfn_times", &reset_hostfn_times);
   m.def("cuda_driver_problem", []() { return driver().problem; }, "Empty when the CUDA driver could be opened.");
 }
 

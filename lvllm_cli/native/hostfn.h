@@ -20,7 +20,23 @@ struct HostCall {
   // Eager calls are freed by lk_hostfn_wait; calls captured in a graph live
   // until free_host_call (the graph replays them).
   bool owned_by_stream = false;
+  int64_t submit_entered_ns = 0, submit_returned_ns = 0;  // this call's last run, for HostFnTimes
 };
+
+// Where a CPU layer's time goes as the stream sees it, summed over calls of
+// one token (batch-1 decode, the case the roofline target is about).  Per
+// call: `gap` = the previous call's wait returning -> this submit starting
+// (the GPU's work between two CPU layers plus the copies and the callback
+// thread's dispatch latency; gaps over 50 ms, idle server, are not summed),
+// `submit` = inside the submit host function, `to_wait` = submit returned ->
+// the stream's wait host function starting, `wait` = inside the wait,
+// `done_to_return` = the engine finishing (or the wait starting, if later)
+// -> the wait returning.
+struct HostFnTimes {
+  uint64_t calls = 0, gaps = 0, gap_ns = 0, submit_ns = 0, to_wait_ns = 0, wait_ns = 0, done_to_return_ns = 0;
+};
+HostFnTimes hostfn_times();
+void reset_hostfn_times();
 
 void bind_hostfn(nanobind::module_& m);
 
@@ -29,4 +45,5 @@ void bind_hostfn(nanobind::module_& m);
 extern "C" {
 void lk_hostfn_submit(void* call);
 void lk_hostfn_wait(void* call);
+void lk_hostfn_stamp(void* slot);
 }
