@@ -11,6 +11,9 @@
 #   serve-30b       `lvllm serve` of a Qwen3-30B-A3B config dir with --load-format dummy
 #   quant-e2e       tiny Qwen3-MoE with fp8 / int4 experts: stock vLLM vs plugin (issue 8)
 #   quant-30b       30B shapes with int4 and fp8 experts, decode vs their rooflines (issue 8)
+#   diag            host-function latency (no vLLM), kernels in cache, engine phases at 30B decode
+#   perf-30b        30B bf16 + int4 with the per-token timing breakdown (LVLLM_TIMING_FILE)
+#   next-diag       Qwen3-Next: stock vs stock again, and plugin with every layer on the GPU
 #
 # Output goes to $OUT with tee, never through grep (a killed pipeline returns nothing).
 set -uo pipefail
@@ -31,6 +34,14 @@ case "${1:-}" in
   deepseek-v2) LVLLM_RUN_TIMEOUT=280 python3 scripts/gpu_plugin_e2e.py "$OUT" deepseek_v2 2>&1 | tee "$OUT/e2e-dsv2.log" ;;
   quant-e2e) LVLLM_RUN_TIMEOUT=200 python3 scripts/gpu_plugin_e2e.py "$OUT" qwen3_moe_fp8 qwen3_moe_int4 2>&1 | tee "$OUT/e2e-quant.log" ;;
   quant-30b) LVLLM_RUN_TIMEOUT=270 python3 scripts/gpu_perf_30b.py "$OUT" lvllm_int4 lvllm_fp8 2>&1 | tee "$OUT/quant-30b.log" ;;
+  diag)
+    python3 scripts/gpu_hostfn_latency.py "$OUT/hostfn_latency.json" 2>&1 | tee "$OUT/hostfn_latency.log"
+    (cd /tmp && python3 "$REPO/scripts/kernel_microbench.py" 2048) 2>&1 | tee "$OUT/kernels.txt"
+    (cd /tmp && python3 -m lvllm_cli bench moe -m qwen3-30b-a3b --dtype bfloat16 --dtype int4 --dtype fp8 --decode 1 \
+      --prefill 128 --no-torch -t 15 --json) > "$OUT/bench_q.json" 2> "$OUT/bench_q.log"; tail -12 "$OUT/bench_q.log" ;;
+  perf-30b) LVLLM_RUN_TIMEOUT=270 python3 scripts/gpu_perf_30b.py "$OUT" lvllm_graphs lvllm_int4 2>&1 | tee "$OUT/perf-30b.log" ;;
+  next-diag) LVLLM_E2E_VARIANTS=stock_again,plugin_all_gpu LVLLM_RUN_TIMEOUT=250 \
+      python3 scripts/gpu_plugin_e2e.py "$OUT" qwen3_next 2>&1 | tee "$OUT/e2e-next-diag.log" ;;
   serve-30b)
     d=/tmp/lvllm-shape-30b
     [ -d "$d" ] || python3 -m lvllm_cli shape qwen3-30b-a3b "$d"
@@ -43,5 +54,5 @@ case "${1:-}" in
     kill -INT -"$(cat /tmp/lvllm-serve30.pid)"
     for i in $(seq 30); do kill -0 "$(cat /tmp/lvllm-serve30.pid)" 2>/dev/null || break; sleep 1; done
     tail -20 "$OUT/serve-30b.log" ;;
-  *) sed -n 2,16p "$0"; exit 2 ;;
+  *) sed -n 2,19p "$0"; exit 2 ;;
 esac

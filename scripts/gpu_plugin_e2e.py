@@ -102,10 +102,24 @@ def main() -> None:
             continue
         seqs = logs / f"{arch}-seqs.json"
         seqs.write_text(json.dumps(stock["score"]["sequences"]))
-        variants = {"cpu_graphs": (cpu, [])}
-        if arch == "qwen3_moe":
-            variants["cpu_eager"] = (cpu, ["--eager"])
-            variants["cpu_layer1_gpu_layer0"] = ({**cpu, "LVLLM_GPU_LAYERS": "0"}, [])
+        layers = json.loads((model / "config.json").read_text())["num_hidden_layers"]
+        known = {
+            "cpu_graphs": (cpu, []),
+            "cpu_eager": (cpu, ["--eager"]),
+            "cpu_layer1_gpu_layer0": ({**cpu, "LVLLM_GPU_LAYERS": "0"}, []),
+            # The plugin installed but every layer's experts on the GPU (vLLM's kernels): isolates the CPU engine.
+            "plugin_all_gpu": ({**cpu, "LVLLM_GPU_LAYERS": f"0-{layers - 1}"}, []),
+            # Stock against itself: how much two identical runs differ (the noise floor of the comparison).
+            "stock_again": ({}, []),
+            "stock_eager": ({}, ["--eager"]),
+        }
+        chosen = os.environ.get("LVLLM_E2E_VARIANTS")
+        names = chosen.split(",") if chosen else ["cpu_graphs"] + (["cpu_eager", "cpu_layer1_gpu_layer0"]
+                                                                   if arch == "qwen3_moe" else [])
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            sys.exit(f"LVLLM_E2E_VARIANTS: unknown {unknown}; known: {', '.join(known)}")
+        variants = {n: known[n] for n in names}
         report[arch] = {"stock_load_s": stock["load_s"]}
         for name, (env, args) in variants.items():
             r = vllm_run(model, logs / f"{arch}-{name}.json", logs / f"{arch}-{name}.log", env,

@@ -49,6 +49,7 @@ def main() -> None:
     ap.add_argument("--max-model-len", type=int, default=1024)
     ap.add_argument("--max-tokens", type=int, default=24)
     ap.add_argument("--extra-json", default="{}")
+    ap.add_argument("--concurrency", default="1,4,16", help="bench: comma-separated request counts")
     a = ap.parse_args()
 
     from vllm import LLM, SamplingParams
@@ -91,7 +92,7 @@ def main() -> None:
         result["score"] = {"sequences": to_score, "logprobs": scored}
     else:
         result["bench"] = []
-        for conc in (1, 4, 16):
+        for conc in (int(c) for c in a.concurrency.split(",")):
             batch = prompts(conc, seed=conc)
             short = SamplingParams(temperature=0.0, max_tokens=16, detokenize=False, ignore_eos=True)
             long = SamplingParams(temperature=0.0, max_tokens=16 + a.max_tokens, detokenize=False, ignore_eos=True)
