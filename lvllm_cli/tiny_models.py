@@ -84,7 +84,8 @@ TINY = {
 }
 
 # Tiny checkpoints with quantized routed experts (lvllm_cli/tiny_quantized.py): name -> (base, format).
-QUANTIZED = {"qwen3_moe_fp8": ("qwen3_moe", "fp8"), "qwen3_moe_int4": ("qwen3_moe", "int4")}
+QUANTIZED = {"qwen3_moe_fp8": ("qwen3_moe", "fp8"), "qwen3_moe_int4": ("qwen3_moe", "int4"),
+             "qwen3_moe_gptq": ("qwen3_moe", "gptq"), "qwen3_moe_awq": ("qwen3_moe", "awq")}
 
 # Full-size shapes for --load-format dummy benchmarks (no weights written).
 SHAPES = {

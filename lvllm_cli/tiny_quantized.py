@@ -9,12 +9,24 @@ can be compared on the same quantized weights.
                                           symmetric, group 32 (`weight_packed`,
                                           `weight_scale`, `weight_shape`), as the
                                           AWQ-calibrated Qwen3-Coder-30B-A3B repacks
+    quantize_experts(model_dir, "gptq")   AutoGPTQ v1, 4-bit, sym, group 32,
+                                          desc_act false (`qweight` [in/8, out],
+                                          `qzeros` holding zero - 1 = 7, fp16
+                                          `scales` [in/G, out], `g_idx` = k // G)
+    quantize_experts(model_dir, "awq")    AutoAWQ GEMM, 4-bit, group 32, zero
+                                          points all 8 (`qweight` [in, out/8] and
+                                          `qzeros` in AWQ's nibble order, fp16
+                                          `scales` [in/G, out])
 
 Only the routed experts are quantized (attention, router and lm_head stay
-bf16 and are listed as ignored), which keeps everything on the GPU side on
-vLLM's ordinary kernels.  Experts are read per expert
-(`experts.{e}.{gate,up,down}_proj.weight`) or fused (`experts.gate_up_proj`
-[E, 2I, H] + `experts.down_proj` [E, H, I]) and always written per expert.
+bf16 and are listed as not quantized in the config: `ignore` for
+compressed-tensors, `modules_to_not_convert` for fp8 and AWQ, and for GPTQ a
+`modules_in_block_to_quantize` that names the expert projections only), which
+keeps everything on the GPU side on vLLM's ordinary kernels.  Experts are read
+per expert (`experts.{e}.{gate,up,down}_proj.weight`) or fused
+(`experts.gate_up_proj` [E, 2I, H] + `experts.down_proj` [E, H, I]) and always
+written per expert.  The rounding is plain round-to-nearest (no calibration):
+the point is the layout, which is the one each tool publishes.
 """
 
 from __future__ import annotations
@@ -29,7 +41,12 @@ _PER_EXPERT = re.compile(r"^(?P<prefix>.*\.experts)\.(?P<e>\d+)\.(?P<part>gate|u
 _FUSED = re.compile(r"^(?P<prefix>.*\.experts)\.(?P<part>gate_up_proj|down_proj)$")
 
 
-def quantization_config(fmt: str, num_layers: int) -> dict:
+FORMATS = ("fp8", "int4", "gptq", "awq")
+_NOT_QUANTIZED = ["lm_head", "self_attn", "mlp.gate", "shared_expert"]  # substrings, as AWQ matches them
+
+
+def quantization_config(fmt: str, num_layers: int, num_experts: int = 0) -> dict:
+    """The config's quantization_config as each tool writes it (num_experts: GPTQ lists the projections)."""
     if fmt == "fp8":
         ignored = [f"model.layers.{i}.self_attn.{p}" for i in range(num_layers) for p in ("q_proj", "k_proj", "v_proj", "o_proj")]
         return {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
@@ -42,7 +59,20 @@ def quantization_config(fmt: str, num_layers: int) -> dict:
                                               "output_activations": None, "format": "pack-quantized"}},
                 "ignore": ["lm_head", "re:.*self_attn.*", "re:.*mlp\\.gate$", "re:.*shared_expert.*"],
                 "kv_cache_scheme": None}
-    raise ValueError(f"unknown quantization {fmt!r}; known: fp8, int4")
+    if fmt == "gptq":
+        # vLLM quantizes a GPTQ linear layer only when its name contains an entry of
+        # modules_in_block_to_quantize (one list per sequential step, as GPTQModel writes it), and
+        # every MoE layer unless `dynamic` excludes it: naming only the experts keeps the rest bf16.
+        steps = [[f"mlp.experts.{e}.{p}_proj" for e in range(num_experts) for p in ("gate", "up")],
+                 [f"mlp.experts.{e}.down_proj" for e in range(num_experts)]]
+        return {"quant_method": "gptq", "bits": 4, "group_size": INT4_GROUP, "desc_act": False, "sym": True,
+                "lm_head": False, "static_groups": False, "true_sequential": True, "damp_percent": 0.01,
+                "checkpoint_format": "gptq", "modules_in_block_to_quantize": steps}
+    if fmt == "awq":
+        # vLLM skips layers whose name contains an entry of modules_to_not_convert (substring match).
+        return {"quant_method": "awq", "bits": 4, "group_size": INT4_GROUP, "zero_point": True, "version": "gemm",
+                "modules_to_not_convert": list(_NOT_QUANTIZED)}
+    raise ValueError(f"unknown quantization {fmt!r}; known: {', '.join(FORMATS)}")
 
 
 def _fp8_block(w):
@@ -59,21 +89,65 @@ def _fp8_block(w):
     return q, scale
 
 
-def _int4_ct(w):
-    """float [out, in] -> (int32 weight_packed [out, ceil(in/8)], bf16 weight_scale [out, in/G], weight_shape)."""
+def _int4_groups(w, scale, scale_dtype):
+    """float [out, in] -> (int64 codes [out, in] in [-8, 7], scales [out, in/G] of scale_dtype), w ~ codes * scale.
+    scale: 'max/7' (compressed-tensors, AWQ here) or '2max/15' (GPTQ's symmetric rule, 7.5 steps each side)."""
     import torch
 
     out, n_in = w.shape
     if n_in % INT4_GROUP:
         raise ValueError(f"input size {n_in} is not a multiple of the int4 group {INT4_GROUP}")
     g = w.float().view(out, n_in // INT4_GROUP, INT4_GROUP)
-    scale = (g.abs().amax(dim=2) / 7.0).clamp(min=1e-12).to(torch.bfloat16)
-    codes = torch.round(g / scale.float()[..., None]).clamp(-8, 7).to(torch.int64).view(out, n_in)
+    amax = g.abs().amax(dim=2)
+    s = ((amax / 7.0) if scale == "max/7" else (amax * 2.0 / 15.0)).clamp(min=1e-12).to(scale_dtype)
+    codes = torch.round(g / s.float()[..., None]).clamp(-8, 7).to(torch.int64).view(out, n_in)
+    return codes, s
+
+
+def _words(nibbles):
+    """int64 [..., 8] values 0..15 -> int32 words, nibble i at bits 4i (two's complement wrap)."""
+    import torch
+
+    words = (nibbles << (4 * torch.arange(8))).sum(dim=-1)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def _int4_ct(w):
+    """float [out, in] -> (int32 weight_packed [out, ceil(in/8)], bf16 weight_scale [out, in/G], weight_shape)."""
+    import torch
+
+    codes, scale = _int4_groups(w, "max/7", torch.bfloat16)
+    out, n_in = codes.shape
     nib = torch.zeros(out, -(-n_in // 8) * 8, dtype=torch.int64)
     nib[:, :n_in] = codes + 8
-    words = (nib.view(out, -1, 8) << (4 * torch.arange(8))).sum(dim=2)  # nibble k%8 of word k//8
-    packed = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
-    return packed, scale, torch.tensor([out, n_in], dtype=torch.int64)
+    return _words(nib.view(out, -1, 8)), scale, torch.tensor([out, n_in], dtype=torch.int64)  # nibble k%8 of word k//8
+
+
+def _int4_gptq(w):
+    """float [out, in] -> AutoGPTQ v1 tensors {qweight, qzeros, scales, g_idx} (sym: code + 8 stored, zero 8 stored as 7)."""
+    import torch
+
+    codes, scale = _int4_groups(w, "2max/15", torch.float16)
+    out, n_in = codes.shape
+    q = (codes + 8).T.contiguous()  # [in, out]
+    qweight = _words(q.view(n_in // 8, 8, out).transpose(1, 2))  # nibble i of row r: input 8r + i
+    qzeros = _words(torch.full((n_in // INT4_GROUP, out // 8, 8), 8 - 1, dtype=torch.int64))
+    g_idx = (torch.arange(n_in) // INT4_GROUP).to(torch.int32)
+    return {"qweight": qweight, "qzeros": qzeros, "scales": scale.T.contiguous(), "g_idx": g_idx}
+
+
+def _int4_awq(w):
+    """float [out, in] -> AutoAWQ GEMM tensors {qweight, qzeros, scales}: code + 8 with every zero point 8."""
+    import torch
+
+    from lvllm_cli.moe.quant_formats import AWQ_ORDER
+
+    codes, scale = _int4_groups(w, "max/7", torch.float16)
+    out, n_in = codes.shape
+    q = (codes + 8).T.contiguous().view(n_in, out // 8, 8)  # [in, out/8, column within the word]
+    qweight = _words(q[..., list(AWQ_ORDER)])  # nibble i holds column 8j + AWQ_ORDER[i]
+    qzeros = _words(torch.full((n_in // INT4_GROUP, out // 8, 8), 8, dtype=torch.int64))
+    return {"qweight": qweight, "qzeros": qzeros, "scales": scale.T.contiguous()}
 
 
 def _experts(tensors: dict):
@@ -97,6 +171,17 @@ def _experts(tensors: dict):
     return found, used
 
 
+def _quantize(w, fmt: str) -> dict:
+    """One expert projection [out, in] -> {tensor suffix: tensor} in the checkpoint format `fmt`."""
+    if fmt == "fp8":
+        q, s = _fp8_block(w)
+        return {"weight": q, "weight_scale_inv": s}
+    if fmt == "int4":
+        p, s, shape = _int4_ct(w)
+        return {"weight_packed": p, "weight_scale": s, "weight_shape": shape}
+    return _int4_gptq(w) if fmt == "gptq" else _int4_awq(w)
+
+
 def quantize_experts(model_dir: Path, fmt: str) -> int:
     """Rewrite every *.safetensors in model_dir with quantized experts and add the
     config's quantization_config; returns the number of expert projections quantized."""
@@ -106,20 +191,15 @@ def quantize_experts(model_dir: Path, fmt: str) -> int:
     cfg_path = model_dir / "config.json"
     cfg = json.loads(cfg_path.read_text())
     quantization_config(fmt, 1)  # refuse an unknown format before touching anything
-    count = 0
+    count, experts = 0, 0
     for path in sorted(model_dir.glob("*.safetensors")):
         tensors = load_file(path)
         found, used = _experts(tensors)
         out = {k: v for k, v in tensors.items() if k not in used}
         for prefix, e, part, w in found:
             base = f"{prefix}.{e}.{part}_proj"
-            if fmt == "fp8":
-                q, s = _fp8_block(w)
-                out[f"{base}.weight"], out[f"{base}.weight_scale_inv"] = q.contiguous(), s.contiguous()
-            else:
-                p, s, shape = _int4_ct(w)
-                out[f"{base}.weight_packed"], out[f"{base}.weight_scale"] = p.contiguous(), s.contiguous()
-                out[f"{base}.weight_shape"] = shape
+            out.update({f"{base}.{suffix}": t.contiguous() for suffix, t in _quantize(w, fmt).items()})
+            experts = max(experts, e + 1)
         count += len(found)
         tmp = path.with_name(path.name + ".tmp")
         save_file(out, tmp, metadata={"format": "pt"})
@@ -137,6 +217,6 @@ def quantize_experts(model_dir: Path, fmt: str) -> int:
         data = json.loads(index.read_text())
         data["weight_map"] = weight_map
         index.write_text(json.dumps(data, indent=2))
-    cfg["quantization_config"] = quantization_config(fmt, int(cfg.get("num_hidden_layers", 0)))
+    cfg["quantization_config"] = quantization_config(fmt, int(cfg.get("num_hidden_layers", 0)), experts)
     cfg_path.write_text(json.dumps(cfg, indent=2))
     return count

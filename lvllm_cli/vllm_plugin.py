@@ -12,9 +12,10 @@ whose CPU layers
     packed experts plus one expert),
   * compute `forward_modular` through the stream-ordered host-call runner,
     so CUDA graphs capture it.
-Quantized checkpoints (fp8, compressed-tensors int4) keep vLLM's quantization
-method for the parameter names and shapes only (created on `meta`); their
-codes and scales go to lk_moe through lvllm_cli/moe/quant_loading.py.
+Quantized checkpoints (fp8; int4 as compressed-tensors, GPTQ or AWQ) keep
+vLLM's quantization method for the parameter names and shapes only (created
+on `meta`); their codes, scales and zero points go, as the checkpoint stores
+them, to lk_moe through lvllm_cli/moe/quant_loading.py.
 Layers named in LVLLM_GPU_LAYERS keep vLLM's own code.
 All decisions live in lvllm_cli/moe/plugin_core.py and quant_loading.py.
 """
@@ -99,11 +100,18 @@ def _install() -> None:
                 # vLLM's own quantized parameters, so the model's load_weights finds every name it
                 # maps checkpoint tensors to; on meta, so nothing is allocated anywhere.
                 extra = dict(extra_weight_attrs)
-                if type(self.stock).__name__ in quant_loading.INT4_METHODS:  # vLLM passes it to these methods only
+                if type(self.stock).__name__ in quant_loading.NEEDS_INTERMEDIATE_SIZE_FULL:  # as vLLM passes it
                     extra["intermediate_size_full"] = layer.moe_config.intermediate_size
+                before = {n for n, _ in layer.named_parameters(recurse=False)}
                 with torch.device("meta"):
                     self.stock.create_weights(layer, num_experts, hidden_size, intermediate_size_per_partition,
                                               params_dtype, **extra)
+                # MoeWNA16Method wraps the loader in one that repacks GPTQ/AWQ tensors on the GPU and
+                # writes zero points into the (meta) parameters itself: every tensor of the method's
+                # parameters must reach ours as the checkpoint stores it.
+                for n, p in layer.named_parameters(recurse=False):
+                    if n not in before and hasattr(p, "weight_loader"):
+                        p.weight_loader = layer.weight_loader
                 self.cpu.new_layer(self.layer_name, num_experts, hidden_size, intermediate_size_per_partition,
                                    "", scheme=self.scheme)
                 if self.scheme.description not in state["formats"]:
@@ -164,7 +172,7 @@ def _install() -> None:
         def _lvllm_load(self, loaded_weight, weight_name, shard_id, expert_id) -> bool:
             method: LvllmCpuMoEMethod = self.quant_method
             if method.scheme is not None:
-                what = quant_loading.role(weight_name, method.scheme)  # codes / scales, or a message
+                what = quant_loading.role(weight_name, method.scheme)  # codes / scales / zeros / g_idx, or a message
                 if what is None:
                     return True  # activation scales, shapes: nothing the CPU needs
                 loadable = True
@@ -181,7 +189,8 @@ def _install() -> None:
             part = quant_loading.SHARD_PARTS[shard_id]
             tp_rank = self.moe_config.tp_rank
             if method.scheme is not None:
-                mine = quant_loading.rank_slice(src, part, tp_rank, self.moe_config.moe_parallel_config.tp_size)
+                mine = quant_loading.rank_slice(src, part, tp_rank, self.moe_config.moe_parallel_config.tp_size,
+                                                transposed=method.scheme.transposed)
                 method.cpu.add_quantized(method.layer_name, local, part, what, mine)
                 return True
             engine_layer = method.cpu.layers[method.layer_name]

@@ -2,8 +2,9 @@
 
     python scripts/gpu_plugin_e2e.py OUTDIR [arch ...]
         archs: lvllm_cli.tiny_models.TINY (default: all of them) and QUANTIZED
-        (qwen3_moe_fp8, qwen3_moe_int4: the same weights with quantized experts;
-        stock vLLM then runs its fp8 / Marlin int4 kernels, vLLM + lvllm lk_moe's)
+        (qwen3_moe_fp8, qwen3_moe_int4, qwen3_moe_gptq, qwen3_moe_awq: the same
+        weights with quantized experts; stock vLLM then runs its fp8 / Marlin int4
+        kernels, vLLM + lvllm lk_moe's)
 
 For each architecture: stock vLLM generates greedy continuations of fixed
 prompts (one at a time, then 16 at once) and scores them; vLLM + lvllm

@@ -73,3 +73,35 @@ def rel_err(out, ref):
     out = np.asarray(out, dtype=np.float64)
     denom = np.linalg.norm(ref)
     return float(np.linalg.norm(out - ref) / (denom if denom > 0 else 1.0))
+
+
+AUTOAWQ_PACK_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # AutoAWQ's order_map: nibble i of a word <- column 8j + order[i]
+
+
+def pack_gptq(codes: np.ndarray) -> np.ndarray:
+    """AutoGPTQ qweight from its published layout, for codes [out, in] in [-8, 7] (symmetric, stored as
+    code + 8): int32 [in/8, out], nibble i of row r = input 8r + i."""
+    out, n_in = codes.shape
+    qu = (codes.T.astype(np.int64) + 8).reshape(n_in // 8, 8, out).transpose(0, 2, 1)  # [in/8, out, nibble]
+    return pack_words(qu)
+
+
+def pack_gptq_zeros(zeros: np.ndarray) -> np.ndarray:
+    """[groups, out] stored zero points (v1 stores zero - 1: 7 for symmetric; gptq_v2 the zero, 8) ->
+    GPTQ qzeros int32 [groups, out/8], nibble i of word j = column 8j + i."""
+    g, out = zeros.shape
+    return pack_words(zeros.reshape(g, out // 8, 8))
+
+
+def pack_awq(codes: np.ndarray) -> np.ndarray:
+    """AutoAWQ GEMM qweight from its published layout, for codes [out, in] in [-8, 7] stored as code + 8 (zero
+    point 8): int32 [in, out/8], nibble i of word j in row k = column 8j + AUTOAWQ_PACK_ORDER[i] of input k."""
+    out, n_in = codes.shape
+    qu = (codes.T.astype(np.int64) + 8).reshape(n_in, out // 8, 8)
+    return pack_words(qu[..., list(AUTOAWQ_PACK_ORDER)])
+
+
+def pack_awq_zeros(zeros: np.ndarray) -> np.ndarray:
+    """[groups, out] zero points -> AWQ qzeros int32 [groups, out/8], in AWQ's nibble order."""
+    g, out = zeros.shape
+    return pack_words(zeros.reshape(g, out // 8, 8)[..., list(AUTOAWQ_PACK_ORDER)])

@@ -111,7 +111,7 @@ class CpuExperts:
         p = placement_for_rank(env, rank, world)
         self.engine = get_engine(threads=p.threads, cpus=p.cpus, nodes=p.nodes)
         self.layers: dict[str, Any] = {}
-        self.assemblers: dict[str, Any] = {}  # quantized layers: codes/scales waiting for their other half
+        self.assemblers: dict[str, Any] = {}  # quantized layers: pieces of projections waiting for the rest
         self.gpu_layer_count = 0
         self.cpu_layer_count = 0
         self._runner = None
@@ -140,7 +140,7 @@ class CpuExperts:
         return layer
 
     def add_quantized(self, name: str, expert: int, part: str, what: str, tensor: Any) -> None:
-        """One expert projection's codes or scales (already this rank's slice), from vLLM's loader."""
+        """One piece (quant_loading.ROLES) of an expert projection, already this rank's slice, from vLLM's loader."""
         self.assemblers[name].add(expert, part, what, tensor)
 
     def finish_layer(self, name: str, *, dummy: bool, seed: int) -> None:
@@ -151,8 +151,9 @@ class CpuExperts:
         assembler = self.assemblers.pop(name, None)
         halves = assembler.incomplete() if assembler is not None and not dummy else []
         if halves:
-            raise RuntimeError(f"{name}: the checkpoint gave codes without scales or scales without codes "
-                               f"({len(halves)} projections, e.g. {halves[0]}); is the model directory complete?")
+            raise RuntimeError(f"{name}: the checkpoint gave codes without scales, scales without codes or no "
+                               f"zero points for {len(halves)} projections (e.g. {halves[0]}); is the model "
+                               "directory complete?")
         missing = [e for e, m in enumerate(layer.native.loaded) if m != 7]
         if missing:
             parts = {1: "gate", 2: "up", 4: "down"}

@@ -85,28 +85,64 @@ def _with_scales(codes, scales, group, n_out, n_in, name, *, transpose: bool) ->
     return Quantized(np.ascontiguousarray(codes), np.ascontiguousarray(s), g, "int4")
 
 
-def from_gptq_int4(qweight, qzeros, scales, g_idx=None, *, group: int, v2: bool = False, name: str = "weight") -> Quantized:
-    """AutoGPTQ, 4 bits, symmetric, no activation reordering (desc_act=False)."""
+_SYMMETRIC_FIX = ("lk_moe runs symmetric int4 only: use a symmetric checkpoint (GPTQ sym=true, or compressed-tensors "
+                  "pack-quantized with symmetric weights) or keep these layers on the GPU with LVLLM_GPU_LAYERS")
+
+
+def _check_packed(a: np.ndarray, want: tuple[int, int], tensor: str, fmt: str) -> None:
+    if a.shape != want:
+        raise UnsupportedQuantization(f"{tensor}: {fmt} tensor of shape {a.shape}, expected {want}")
+
+
+def _zero_groups(group: int, n_in: int, name: str) -> int:
+    """Rows of qzeros / scales: one per group along the input (one when per channel)."""
+    g = _check_group(group, n_in, name)
+    return -(-n_in // g) if g else 1
+
+
+def _check_midpoint(zeros: np.ndarray, tensor: str, fmt: str) -> None:
+    """Symmetric int4 stores code + 8: every zero point must be that midpoint, 8."""
+    off = np.argwhere(zeros != 8)
+    if len(off):
+        (r, c), v = off[0], int(zeros[tuple(off[0])])
+        raise UnsupportedQuantization(
+            f"{tensor}: {fmt} zero point {v} at group {r}, column {c} ({len(off)} of {zeros.size} are not 8: an "
+            f"asymmetric checkpoint); {_SYMMETRIC_FIX}")
+
+
+def from_gptq_int4(qweight, qzeros, scales, g_idx=None, *, group: int, v2: bool = False, shape=None,
+                   name: str = "weight") -> Quantized:
+    """AutoGPTQ, 4 bits, symmetric, no activation reordering (desc_act=False). `shape` (out, in), when
+    given, is checked against qweight; v1 checkpoints store zero - 1 (7), gptq_v2 ones the zero (8)."""
     qw = _np(qweight, name).astype(np.int32)
     n_in, n_out = qw.shape[0] * 8, qw.shape[1]
+    if shape is not None:
+        n_out, n_in = shape
+        _check_packed(qw, (n_in // 8, n_out), f"{name}.qweight", "GPTQ")
     codes_u = _nibbles(qw).transpose(0, 2, 1).reshape(n_in, n_out)  # [in, out]
     g = _check_group(group, n_in, name)
     if g_idx is not None:
         gi = _np(g_idx, name).astype(np.int64)
         if not np.array_equal(gi, np.arange(n_in) // (g or n_in)):
-            raise UnsupportedQuantization(f"{name}: GPTQ with activation reordering (desc_act / g_idx) is not supported")
-    zeros = _nibbles(_np(qzeros, name).astype(np.int32)).reshape(-1, n_out).astype(np.int16) + (0 if v2 else 1)
-    if not np.all(zeros == 8):
-        raise UnsupportedQuantization(f"{name}: asymmetric GPTQ (zero points other than 8) is not supported; "
-                                      "use a symmetric checkpoint or convert to bf16 at load")
+            raise UnsupportedQuantization(f"{name}.g_idx: GPTQ with activation reordering (desc_act) is not supported "
+                                          "on the CPU: use a checkpoint quantized with desc_act=false or keep these "
+                                          "layers on the GPU with LVLLM_GPU_LAYERS")
+    qz = _np(qzeros, name).astype(np.int32)
+    _check_packed(qz, (_zero_groups(group, n_in, name), n_out // 8), f"{name}.qzeros", "GPTQ")
+    zeros = _nibbles(qz).reshape(-1, n_out).astype(np.int16) + (0 if v2 else 1)
+    _check_midpoint(zeros, f"{name}.qzeros", "GPTQ" + (" (v2)" if v2 else " (stored as zero - 1)"))
     codes = (codes_u.astype(np.int16) - 8).astype(np.int8).T
     return _with_scales(codes, scales, g, n_out, n_in, name, transpose=True)
 
 
-def from_awq_int4(qweight, qzeros, scales, *, group: int, name: str = "weight") -> Quantized:
-    """AutoAWQ GEMM packing; only checkpoints whose zero points are all 8 (symmetric) are accepted."""
+def from_awq_int4(qweight, qzeros, scales, *, group: int, shape=None, name: str = "weight") -> Quantized:
+    """AutoAWQ GEMM packing; only checkpoints whose zero points are all 8 (symmetric) are accepted.
+    `shape` (out, in), when given, is checked against qweight."""
     qw = _np(qweight, name).astype(np.int32)
     n_in, n_out = qw.shape[0], qw.shape[1] * 8
+    if shape is not None:
+        n_out, n_in = shape
+        _check_packed(qw, (n_in, n_out // 8), f"{name}.qweight", "AWQ")
 
     def unpack(words):
         nib = _nibbles(words)  # [rows, out/8, 8]: nibble i
@@ -114,10 +150,9 @@ def from_awq_int4(qweight, qzeros, scales, *, group: int, name: str = "weight") 
         out[..., list(AWQ_ORDER)] = nib
         return out.reshape(words.shape[0], -1)
 
-    zeros = unpack(_np(qzeros, name).astype(np.int32))
-    if not np.all(zeros == 8):
-        raise UnsupportedQuantization(f"{name}: AWQ zero points are not all 8 (asymmetric); lk_moe runs symmetric int4 "
-                                      "only: use the compressed-tensors symmetric checkpoint or convert to bf16 at load")
+    qz = _np(qzeros, name).astype(np.int32)
+    _check_packed(qz, (_zero_groups(group, n_in, name), n_out // 8), f"{name}.qzeros", "AWQ")
+    _check_midpoint(unpack(qz), f"{name}.qzeros", "AWQ")
     codes = (unpack(qw).astype(np.int16) - 8).astype(np.int8).T  # [out, in]
     return _with_scales(codes, scales, group, n_out, n_in, name, transpose=True)
 
