@@ -9,6 +9,7 @@ import json
 
 import plan_machines as pm
 import pytest
+from cli_helpers import machine_file, run_cli, write_model_config
 
 from lvllm_cli.experts_format import KNOWN_SPEEDS, Speed, choose_experts_format
 from lvllm_cli.plan import Request, build_plan
@@ -167,3 +168,71 @@ def test_bf16_checkpoints_report_and_change_nothing(name):
     assert base.experts_format["reason"].startswith("bf16 checkpoint") and base.experts_format["value"] == "bf16 (checkpoint)"
     assert asked.env == base.env and asked.ram_needed_bytes == base.ram_needed_bytes
     assert base.env["LVLLM_EXPERTS_BF16"] == "0"
+
+
+# ---- tune and serve options --------------------------------------------------------------------
+
+
+def test_tune_json_and_table_carry_the_choice(tmp_path):
+    mf = machine_file(tmp_path, "epyc_nps4")
+    out = json.loads(run_cli("tune", "glm-4.5-air:awq", "--machine", mf, "--json").stdout)
+    assert out["experts_format"]["widen"] is False and out["experts_format"]["checkpoint"] == "int4"
+    assert out["env"]["LVLLM_EXPERTS_BF16"] == "0"
+    out = json.loads(run_cli("tune", "glm-4.5-air:awq", "--machine", mf, "--json", "--prompt-ratio", "40").stdout)
+    assert out["experts_format"]["widen"] is True and out["env"]["LVLLM_EXPERTS_BF16"] == "1"
+    out = json.loads(run_cli("tune", "glm-4.5-air:awq", "--machine", mf, "--json", "--prompt-ratio", "40", "--experts-format", "quantized").stdout)
+    assert out["experts_format"]["widen"] is False and out["experts_format"]["requested"] == "quantized"
+    r = run_cli("tune", "glm-4.5-air:awq", "--machine", mf, "--prompt-ratio", "40", env={"COLUMNS": "250"})
+    assert r.exit_code == 0 and "experts format" in r.stdout and "bf16 (widened at load)" in r.stdout
+    assert "LVLLM_EXPERTS_BF16=1" in r.stdout
+
+
+def test_tune_bf16_refusal_and_bad_values(tmp_path):
+    mf = machine_file(tmp_path, "desktop")
+    r = run_cli("tune", "qwen3-next:awq", "--machine", mf, "--experts-format", "bf16", env={"COLUMNS": "250"})
+    assert r.exit_code == 1 and "--experts-format bf16: not enough RAM" in r.stdout and "use --experts-format quantized" in r.stdout
+    r = run_cli("tune", "qwen3-next:awq", "--machine", mf, "--experts-format", "fp16")
+    assert r.exit_code == 2 and "--experts-format 'fp16': expected one of auto, quantized, bf16" in r.stderr
+    r = run_cli("tune", "qwen3-next:awq", "--machine", mf, "--prompt-ratio", "-1")
+    assert r.exit_code == 2 and "--prompt-ratio -1.0: must be >= 0" in r.stderr
+
+
+def test_tune_takes_lvllm_experts_bf16_from_the_environment(tmp_path):
+    mf = machine_file(tmp_path, "epyc_nps4")
+    out = json.loads(run_cli("tune", "glm-4.5-air:awq", "--machine", mf, "--json", env={"LVLLM_EXPERTS_BF16": "1"}).stdout)
+    assert out["experts_format"]["requested"] == "bf16" and out["env"]["LVLLM_EXPERTS_BF16"] == "1"
+    assert "LVLLM_EXPERTS_BF16=1 in the environment" in out["experts_format"]["reason"]
+    out = json.loads(run_cli("tune", "glm-4.5-air:awq", "--machine", mf, "--json", "--prompt-ratio", "40", env={"LVLLM_EXPERTS_BF16": "0"}).stdout)
+    assert out["experts_format"]["requested"] == "quantized" and out["env"]["LVLLM_EXPERTS_BF16"] == "0"
+    # the option wins over the environment
+    out = json.loads(run_cli("tune", "glm-4.5-air:awq", "--machine", mf, "--json", "--experts-format", "auto", env={"LVLLM_EXPERTS_BF16": "1"}).stdout)
+    assert out["experts_format"]["requested"] == "auto" and out["env"]["LVLLM_EXPERTS_BF16"] == "0"
+    r = run_cli("tune", "glm-4.5-air:awq", "--machine", mf, env={"LVLLM_EXPERTS_BF16": "yes"})
+    assert r.exit_code == 2 and "LVLLM_EXPERTS_BF16='yes' in the environment" in r.stderr
+
+
+def test_serve_dry_run_sets_lvllm_experts_bf16_per_the_plan(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "run"))
+    mf = machine_file(tmp_path, "epyc_nps4")
+    for opts, expected in (([], "0"), (["--prompt-ratio", "40"], "1"), (["--experts-format", "bf16"], "1"), (["--prompt-ratio", "40", "--experts-format", "quantized"], "0")):
+        r = run_cli("serve", "glm-4.5-air:awq", "--machine", mf, "--dry-run", "--json", *opts)
+        assert r.exit_code == 0, r.output
+        out = json.loads(r.stdout)
+        assert out["env"]["LVLLM_EXPERTS_BF16"] == expected, opts
+        assert out["plan"]["experts_format"]["widen"] is (expected == "1")
+    r = run_cli("serve", "qwen3-next:awq", "--machine", machine_file(tmp_path, "desktop"), "--dry-run", "--experts-format", "bf16")
+    assert r.exit_code == 1 and "--experts-format bf16: not enough RAM" in r.stderr and "does not fit" in r.stderr
+    saved = tmp_path / "plan.json"
+    assert run_cli("tune", "glm-4.5-air:awq", "--machine", mf, "--prompt-ratio", "40", "--save", saved).exit_code == 0
+    out = json.loads(run_cli("serve", "--plan", saved, "--dry-run", "--json").stdout)
+    assert out["env"]["LVLLM_EXPERTS_BF16"] == "1"
+    r = run_cli("serve", "--plan", saved, "--dry-run", "--experts-format", "quantized")
+    assert r.exit_code == 2 and "--experts-format plan(s) anew" in r.stderr
+
+
+def test_model_dir_with_fp8_experts(tmp_path):
+    d = write_model_config(tmp_path / "m", quantization_config={"quant_method": "fp8", "weight_block_size": [128, 128]})
+    out = json.loads(run_cli("tune", d, "--machine", machine_file(tmp_path, "desktop"), "--json", "--prompt-ratio", "8", "--gpu-layers", "0").stdout)
+    ef = out["experts_format"]
+    assert ef["checkpoint"] == "fp8" and ef["widen"] is True and out["env"]["LVLLM_EXPERTS_BF16"] == "1"
+    assert ef["cpu_bytes_per_layer"] == 16 * 3 * 512 * 256 * 2

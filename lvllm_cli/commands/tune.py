@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 
 from lvllm_cli.atomic import write_atomically
-from lvllm_cli.commands._planning import EXIT_FAILED, PlanOptions, fail, make_plan
+from lvllm_cli.commands._planning import EXIT_FAILED, EXPERTS_FORMAT_HELP, PROMPT_RATIO_HELP, PlanOptions, fail, make_plan
 
 ORDER = 30
 
@@ -30,11 +30,14 @@ def tune(
     tp: Optional[int] = typer.Option(None, "--tp", help="Tensor-parallel size (default: chosen from the GPU topology)."),
     pp: Optional[int] = typer.Option(None, "--pp", help="Pipeline-parallel size (default: chosen from the GPU topology)."),
     smt: bool = typer.Option(False, "--smt", help="Also use the SMT sibling threads of each core."),
+    experts_format: Optional[str] = typer.Option(None, "--experts-format", metavar="auto|quantized|bf16", help=EXPERTS_FORMAT_HELP),
+    prompt_ratio: Optional[float] = typer.Option(None, "--prompt-ratio", metavar="R", help=PROMPT_RATIO_HELP),
 ) -> None:
     """Plan how to serve a MoE model on this machine: TP/PP, CPU sets, GPU layers, memory fit."""
     from rich.console import Console
 
-    opts = PlanOptions(variant, machine, max_model_len, max_num_seqs, max_num_batched_tokens, gpu_memory_utilization, gpu_layers, tp, pp, smt)
+    opts = PlanOptions(variant, machine, max_model_len, max_num_seqs, max_num_batched_tokens, gpu_memory_utilization, gpu_layers, tp, pp, smt,
+                       experts_format, prompt_ratio)  # fmt: skip
     target_obj, machine_obj, _request, plan = make_plan(target, opts)
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     if measure and machine is not None:
