@@ -1,9 +1,11 @@
-"""`lvllm tune --measure`: time the CPU-experts engine at the model's shapes and keep the fastest thread count.
+"""`lvllm tune --measure`: time the CPU-experts engine at the model's shapes; keep the fastest thread count
+and, for a quantized checkpoint, feed the measured speeds of its format and of bf16 to the experts-format choice.
 
-The benchmark itself is `lvllm_cli.moe.bench.bench_moe_decode` (the engine
-issue's `lvllm bench moe`); this module only chooses what to measure and what
-to keep.  `load_bench()` is the single place that reaches for the engine, so
-tests can substitute it and builds without the engine skip measurement cleanly.
+The benchmarks themselves are `lvllm_cli.moe.bench.bench_moe_decode` and
+`bench_moe_format` (the engine issue's `lvllm bench moe`); this module only
+chooses what to measure and what to keep.  `load_bench()` and
+`load_format_bench()` are the only places that reach for the engine, so tests
+can substitute them and builds without the engine skip measurement cleanly.
 """
 
 from __future__ import annotations
@@ -12,12 +14,16 @@ import math
 from collections.abc import Callable
 from dataclasses import replace
 
-from lvllm_cli.model_facts import ModelFacts
-from lvllm_cli.plan import Plan, Worker, cpu_env
+from lvllm_cli.experts_format import PREFILL_TOKENS, Speed
+from lvllm_cli.model_facts import ModelFacts, Quant
+from lvllm_cli.plan import Plan, Request, Worker, build_plan, cpu_env
 from lvllm_cli.ranges import format_cpulist
 
 # bench(hidden, inter, experts, topk, threads, cpus, seconds) -> microseconds per layer
 BenchFn = Callable[[int, int, int, int, int, "list[int] | None", float], float]
+# format_bench(hidden, inter, experts, topk, dtype, group, threads, cpus, seconds, prefill_tokens)
+#   -> {"decode_us": µs per layer at M=1, "prefill_us": µs per layer at M=prefill_tokens, ...}
+FormatBenchFn = Callable[[int, int, int, int, str, int, int, "list[int] | None", float, int], dict]
 
 
 def load_bench() -> BenchFn | None:
@@ -27,6 +33,24 @@ def load_bench() -> BenchFn | None:
     except ImportError:
         return None
     return bench_moe_decode
+
+
+def load_format_bench() -> FormatBenchFn | None:
+    """The engine's per-format benchmark, or None when this build has no engine module."""
+    try:
+        from lvllm_cli.moe.bench import bench_moe_format
+    except ImportError:
+        return None
+    return bench_moe_format
+
+
+def engine_format(quant: Quant) -> tuple[str, int]:
+    """The engine's (dtype, scale group along the input) for a checkpoint's quantized experts."""
+    if quant.method == "fp8":
+        return "fp8", quant.block[1] if quant.block else 0
+    if quant.method == "int4":
+        return "int4", quant.group_size
+    raise ValueError(f"{quant.label} experts are not quantized")
 
 
 def thread_candidates(n: int, nodes: int) -> list[int]:
@@ -102,3 +126,66 @@ def measure_threads(
     reasons = [f"{c['setting']} = {c['value']}: {c['why']}" for c in choices]
     env = {**plan.env, **cpu_env(workers, plan.tp, plan.pp)}
     return replace(plan, workers=workers, reasons=reasons, choices=choices, env=env, measurements=results)
+
+
+def measure_formats(
+    plan: Plan,
+    facts: ModelFacts,
+    bench: FormatBenchFn,
+    *,
+    seconds: float = 2.0,
+    report: Callable[[str], None] = lambda s: None,
+) -> tuple[dict[str, Speed], list[dict]] | None:
+    """Time the checkpoint's quantized format and bf16 on worker 0's CPUs, at each TP rank's expert shapes.
+
+    None (and a line to `report`) when the plan's experts-format choice does not depend on speed."""
+    fmt = plan.experts_format
+    if not fmt.get("speed_matters"):
+        report(f"experts format not measured: {fmt.get('reason', 'no choice to make')}")
+        return None
+    w0 = plan.workers[0]
+    inter = facts.moe_intermediate_size // plan.tp
+    speeds: dict[str, Speed] = {}
+    rows: list[dict] = []
+    for name, (dtype, group) in (("quantized", engine_format(facts.quant)), ("bf16", ("bfloat16", 0))):
+        r = dict(bench(facts.hidden_size, inter, facts.num_experts, facts.experts_per_tok, dtype, group, w0.threads,
+                       list(w0.cpus), seconds / 2, PREFILL_TOKENS))
+        speeds[name] = Speed(decode_us=float(r["decode_us"]), prefill_us=float(r["prefill_us"]))
+        rows.append({"format": name, **r})
+        report(f"{dtype:>8s}{f' group {group}' if group else ''}: decode {r['decode_us']:9.1f} us per layer, "
+               f"prefill M={PREFILL_TOKENS} {r['prefill_us']:9.1f} us per layer ({w0.threads} threads)")
+    return speeds, rows
+
+
+def measure_plan(
+    machine,
+    target,
+    request: Request,
+    plan: Plan,
+    *,
+    threads_bench: BenchFn | None,
+    format_bench: FormatBenchFn | None,
+    seconds: float = 2.0,
+    report: Callable[[str], None] = lambda s: None,
+) -> Plan:
+    """--measure: the experts format first (its speeds re-plan: RAM and env follow the choice), then the
+    thread count on the re-planned workers.  A missing benchmark skips its part."""
+    if format_bench is not None:
+        try:
+            measured = measure_formats(plan, target.facts, format_bench, seconds=seconds, report=report)
+        except Exception as e:  # the engine's own errors (memory, an unsupported group): keep the known ratios
+            report(f"experts format not measured: {type(e).__name__}: {e}; the choice keeps the known ratios")
+            measured = None
+        if measured is not None:
+            speeds, rows = measured
+            plan = build_plan(machine, target, request, speeds=speeds)
+            plan.experts_format["measurements"] = rows
+            report(f"experts format: {plan.experts_format['value']}")
+    else:
+        report("experts format not measured: this build has no format benchmark (lvllm_cli.moe.bench.bench_moe_format)")
+    if threads_bench is None:
+        report("thread count not measured: this build has no decode benchmark (lvllm_cli.moe.bench.bench_moe_decode)")
+    else:
+        plan = measure_threads(plan, target.facts, {c.id: c.node for c in machine.cpu.online}, threads_bench,
+                               seconds=seconds, report=report)
+    return plan

@@ -22,7 +22,8 @@ The rules, in order:
 4. GPU layers: as many MoE layers as fit keep their experts on the GPU: the
    last MoE layers of each pipeline stage.
 5. RAM: routed experts of every MoE layer not on a GPU + stated overheads,
-   against MemAvailable.
+   against MemAvailable.  A quantized checkpoint's CPU experts stay quantized
+   or are widened to bf16 at load (experts_format.py states that rule).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import math
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from lvllm_cli.experts_format import Speed, choose_experts_format
 from lvllm_cli.machine import GpuInfo, Machine
 from lvllm_cli.model_facts import ModelFacts
 from lvllm_cli.profiles import ProfileError, Settings, Target, resolve_profile
@@ -76,6 +78,9 @@ class Request:
     smt: bool = False
     kv_cache_dtype_bytes: int | None = None  # 1 when --kv-cache-dtype fp8* is passed to vLLM
     cuda_visible_devices: str | None = None  # the user's own CUDA_VISIBLE_DEVICES, if set
+    experts_format: str = "auto"  # auto | quantized | bf16 (quantized checkpoints' CPU experts)
+    experts_format_by: str = "--experts-format"  # who asked: the option or LVLLM_EXPERTS_BF16=... in the environment
+    prompt_ratio: float | None = None  # prompt tokens per generated token of the workload (None: the default)
 
 
 @dataclass
@@ -148,6 +153,7 @@ class Plan:
     machine_summary: dict[str, Any]
     needs_generate: bool = False
     measurements: list[dict] = field(default_factory=list)
+    experts_format: dict = field(default_factory=dict)  # experts_format.ExpertsFormat: widen to bf16 or not, and why
 
     @property
     def has_gpu(self) -> bool:
@@ -465,7 +471,21 @@ def _effective_utilization(gpus: list[GpuInfo], util: float, explicit: bool, why
 # ---- the plan ------------------------------------------------------------------------------------
 
 
-def build_plan(machine: Machine, target: Target, req: Request | None = None, *, suggest: bool = True) -> Plan:
+def bf16_expert_bytes_per_layer(facts: ModelFacts) -> int:
+    """Routed experts of one MoE layer widened to bf16 (2 bytes per weight, no scales)."""
+    return facts.num_experts * 3 * facts.hidden_size * facts.moe_intermediate_size * 2
+
+
+def build_plan(
+    machine: Machine,
+    target: Target,
+    req: Request | None = None,
+    *,
+    speeds: dict[str, Speed] | None = None,
+    suggest: bool = True,
+) -> Plan:
+    """`speeds`: the engine's measured {"quantized": Speed, "bf16": Speed} for the experts-format choice
+    (`lvllm tune --measure`); without them the choice uses the known ratios."""
     req = req or Request()
     facts = target.facts
     s: Settings = target.settings
@@ -614,20 +634,37 @@ def build_plan(machine: Machine, target: Target, req: Request | None = None, *, 
     elif not gpus:
         why.add("gpu_layers", "no GPU: every MoE layer's experts would be on the CPU")
 
-    # 5. RAM
-    ram_experts = len(cpu_layers) * per_layer_total
+    # 5. RAM, and the format the CPU experts are held in
     overhead = RAM_BASE_OVERHEAD + RAM_PER_WORKER_OVERHEAD * len(workers)
-    needed = ram_experts + overhead
     available = machine.memory.available_bytes or machine.memory.total_bytes
+    fmt = choose_experts_format(
+        method=facts.quant.method,
+        dtype=facts.dtype,
+        requested=req.experts_format,
+        requested_by=req.experts_format_by,
+        cpu_layers=len(cpu_layers),
+        quantized_bytes_per_layer=per_layer_total,
+        bf16_bytes_per_layer=bf16_expert_bytes_per_layer(facts),
+        ram_overhead_bytes=overhead,
+        ram_available_bytes=available,
+        prompt_ratio=req.prompt_ratio,
+        measured=speeds,
+    )
+    if fmt.problem:
+        problems.append(fmt.problem)
+    per_layer_cpu = fmt.cpu_bytes_per_layer
+    ram_experts = len(cpu_layers) * per_layer_cpu
+    needed = ram_experts + overhead
     ram_fits = needed <= available
+    held = f"bf16, widened at load from {facts.quant.label}" if fmt.widen else facts.quant.label
     why.add(
         "ram",
-        f"{len(cpu_layers)} CPU layers x {per_layer_total / GiB:.2f} GiB of experts ({facts.quant.label}) = "
+        f"{len(cpu_layers)} CPU layers x {per_layer_cpu / GiB:.2f} GiB of experts ({held}) = "
         f"{ram_experts / GiB:.1f} GiB, + {RAM_BASE_OVERHEAD / GiB:.0f} GiB for vLLM's server processes "
         f"+ {RAM_PER_WORKER_OVERHEAD / GiB:.0f} GiB per worker; against MemAvailable",
     )
     if cpu_layers and ram_fits and len(machine.numa) > 1:
-        _check_node_memory(machine, workers, stages, cpu_layers, per_layer_total, tp, warnings)
+        _check_node_memory(machine, workers, stages, cpu_layers, per_layer_cpu, tp, warnings)
     if not ram_fits:
         problems.append(
             f"not enough RAM: the CPU experts need {needed / GiB:.1f} GiB, {available / GiB:.1f} GiB is available"
@@ -653,6 +690,7 @@ def build_plan(machine: Machine, target: Target, req: Request | None = None, *, 
             "why": why.text("cpus"),
         },
         {"setting": "gpu-layers", "value": format_layer_ranges(gpu_layers) or "none", "why": why.text("gpu_layers")},
+        {"setting": "experts format", "value": fmt.value, "why": fmt.reason},
         {
             "setting": "host RAM",
             "value": f"{needed / GiB:.1f} of {available / GiB:.1f} GiB" + ("" if ram_fits else " (does NOT fit)"),
@@ -664,7 +702,7 @@ def build_plan(machine: Machine, target: Target, req: Request | None = None, *, 
         {"setting": "gpu-memory-utilization", "value": _fmt_util(util), "why": why.text("gpu_memory_utilization")},
         {"setting": "OMP_NUM_THREADS", "value": str(OMP_NUM_THREADS), "why": why.text("omp_num_threads")},
     ]
-    env = plan_env(workers, gpus, gpu_layers, cpu_layers, tp, pp)
+    env = plan_env(workers, gpus, gpu_layers, cpu_layers, tp, pp, experts_bf16=fmt.widen)
     vllm_args = plan_vllm_args(tp, pp, max_len, seqs, batched, util, target.vllm_args)
     plan = Plan(
         model=target.model,
@@ -699,6 +737,7 @@ def build_plan(machine: Machine, target: Target, req: Request | None = None, *, 
         model_summary=model_summary(facts),
         machine_summary=machine_summary(machine),
         needs_generate=target.generate is not None,
+        experts_format=fmt.to_dict(),
     )
     if suggest and not ram_fits:
         suggestions.extend(suggest_fixes(machine, target, req, plan))
@@ -738,11 +777,14 @@ def cpu_env(workers: list[Worker], tp: int, pp: int) -> dict[str, str]:
     return env
 
 
-def plan_env(workers: list[Worker], gpus: list[GpuInfo], gpu_layers, cpu_layers, tp: int, pp: int) -> dict[str, str]:
+def plan_env(
+    workers: list[Worker], gpus: list[GpuInfo], gpu_layers, cpu_layers, tp: int, pp: int, *, experts_bf16: bool = False
+) -> dict[str, str]:
     """The environment contract with the vLLM plugin (docs/readme/serve.md)."""
     env = {
         "LVLLM_MOE_CPU": "1" if cpu_layers else "0",
         "LVLLM_GPU_LAYERS": format_layer_ranges(gpu_layers),
+        "LVLLM_EXPERTS_BF16": "1" if experts_bf16 else "0",
         **cpu_env(workers, tp, pp),
         "OMP_NUM_THREADS": str(OMP_NUM_THREADS),
     }

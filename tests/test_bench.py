@@ -58,3 +58,23 @@ def test_kernel_microbench_entry_points_time_and_refuse_bad_shapes():
         lk.qkernel_ns("scalar", "int4", 1, 128, 96)
     with pytest.raises(ValueError, match="unknown ISA"):
         lk.qkernel_ns("sse9", "int4", 1, 128, 32)
+
+
+def test_layers_over_cache_is_4x_l3_and_2_layers_within_free_ram():
+    mib = 1 << 20
+    assert bench.layers_over_cache(100 * mib, 105 * mib, 100 << 30) == 5  # ceil(4 x 105 / 100)
+    assert bench.layers_over_cache(1 << 30, 32 * mib, 100 << 30) == 2  # never fewer than 2 layers
+    assert bench.layers_over_cache(100 * mib, 105 * mib, 1 << 30) == 3  # 30 % of 1 GiB holds 3
+    with pytest.raises(MemoryError, match="one layer needs"):
+        bench.layers_over_cache(1 << 30, 32 * mib, 2 << 30)
+
+
+@pytest.mark.parametrize("dtype, group", [("bfloat16", 0), ("int4", 64), ("fp8", 0)])
+def test_format_bench_at_tiny_shapes(dtype, group):
+    r = bench.bench_moe_format(256, 128, 8, 2, dtype, group, 1, None, 0.05, 16, l3_bytes=1 << 20, free_bytes=1 << 30)
+    per_weight = {"bfloat16": 2, "int4": 0.5, "fp8": 1}[dtype]
+    scales = 0 if dtype == "bfloat16" else 2 * (2 * 128 * (256 // group if group else 1) + 256 * (128 // group if group else 1))
+    assert r["layer_bytes"] == 8 * (3 * 256 * 128 * per_weight) + 8 * scales
+    assert r["layers"] == max(2, -(-4 * (1 << 20) // r["layer_bytes"]))
+    assert (r["dtype"], r["group"], r["threads"], r["prefill_tokens"]) == (dtype, group, 1, 16)
+    assert r["decode_us"] > 0 and r["prefill_us"] > 0

@@ -17,6 +17,13 @@ import typer
 EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1
 
+# Help of the planning options that tune and serve share.
+EXPERTS_FORMAT_HELP = ("Quantized checkpoints: keep the CPU experts quantized, or widen them to bf16 at load (more RAM, "
+                       "faster prefill, slower decode); auto (default) decides from RAM and speed. bf16 is refused when it "
+                       "does not fit. Default: LVLLM_EXPERTS_BF16 when set, else auto.")
+PROMPT_RATIO_HELP = ("Prompt tokens prefilled per generated token in your workload (default 4, chat-like; coding agents and "
+                     "RAG: 20-50); weighs prefill against decode for --experts-format auto.")
+
 
 def fail(message: str, code: int = EXIT_BAD_INPUT) -> typer.Exit:
     """Print `error: message` on stderr and return the Exit to raise."""
@@ -40,6 +47,8 @@ class PlanOptions:
     tp: int | None = None
     pp: int | None = None
     smt: bool = False
+    experts_format: str | None = None  # auto | quantized | bf16; None: LVLLM_EXPERTS_BF16 if set, else auto
+    prompt_ratio: float | None = None
 
 
 def parse_gpu_layers(text: str | None) -> tuple[int | None, bool]:
@@ -71,6 +80,9 @@ def build_request(opts: PlanOptions, extra: list[str] | None = None):
     if u is not None and not 0 < u <= 1:
         raise fail(f"--gpu-memory-utilization {u}: must be in (0, 1]")
     layers, auto = parse_gpu_layers(opts.gpu_layers)
+    fmt, fmt_by = experts_format_request(opts.experts_format, os.environ)
+    if opts.prompt_ratio is not None and opts.prompt_ratio < 0:
+        raise fail(f"--prompt-ratio {opts.prompt_ratio}: must be >= 0 (prompt tokens per generated token)")
     return Request(
         max_model_len=ov.max_model_len or max_len,
         max_num_seqs=ov.max_num_seqs or opts.max_num_seqs,
@@ -83,7 +95,29 @@ def build_request(opts: PlanOptions, extra: list[str] | None = None):
         smt=opts.smt,
         kv_cache_dtype_bytes=ov.kv_cache_dtype_bytes,
         cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"),
+        experts_format=fmt,
+        experts_format_by=fmt_by,
+        prompt_ratio=opts.prompt_ratio,
     )
+
+
+def experts_format_request(option: str | None, environ) -> tuple[str, str]:
+    """(auto|quantized|bf16, who asked) from --experts-format, else from LVLLM_EXPERTS_BF16 in the environment
+    (the plan sets that variable for vLLM, so a value the user exported is taken as their request)."""
+    from lvllm_cli.experts_format import CHOICES
+
+    if option is not None:
+        value = option.strip().lower()
+        if value not in CHOICES:
+            raise fail(f"--experts-format {option!r}: expected one of {', '.join(CHOICES)}")
+        return value, "--experts-format"
+    raw = environ.get("LVLLM_EXPERTS_BF16", "").strip()
+    if raw == "":
+        return "auto", "--experts-format"
+    if raw not in ("0", "1"):
+        raise fail(f"LVLLM_EXPERTS_BF16={raw!r} in the environment: use 1 (widen to bf16 at load) or 0, "
+                   "or unset it and pass --experts-format auto|quantized|bf16")
+    return ("bf16" if raw == "1" else "quantized"), f"LVLLM_EXPERTS_BF16={raw} in the environment"
 
 
 def resolve_target(arg: str, variant: str | None):

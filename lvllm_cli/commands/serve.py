@@ -13,6 +13,8 @@ from rich.markup import escape
 
 from lvllm_cli.commands._planning import (
     EXIT_FAILED,
+    EXPERTS_FORMAT_HELP,
+    PROMPT_RATIO_HELP,
     PlanOptions,
     build_request,
     fail,
@@ -44,6 +46,8 @@ def serve(
     tp: Optional[int] = typer.Option(None, "--tp", help="Tensor-parallel size."),
     pp: Optional[int] = typer.Option(None, "--pp", help="Pipeline-parallel size."),
     smt: bool = typer.Option(False, "--smt", help="Also use the SMT sibling threads of each core."),
+    experts_format: Optional[str] = typer.Option(None, "--experts-format", metavar="auto|quantized|bf16", help=EXPERTS_FORMAT_HELP),
+    prompt_ratio: Optional[float] = typer.Option(None, "--prompt-ratio", metavar="R", help=PROMPT_RATIO_HELP),
     force: bool = typer.Option(False, "--force", help="Start even when the plan says it does not fit."),
     ready_timeout: float = typer.Option(1800.0, "--ready-timeout", min=1, help="Seconds to wait for /health before giving up."),
     grace: float = typer.Option(20.0, "--grace", min=0, help="Seconds between the stop signal and SIGKILL."),
@@ -68,7 +72,8 @@ def serve(
             raise fail("give either NAME|DIR or --plan FILE, not both")
         planning = {"--variant": variant, "--machine": machine, "--max-model-len": max_model_len, "--max-num-seqs": max_num_seqs,
                     "--max-num-batched-tokens": max_num_batched_tokens, "--gpu-memory-utilization": gpu_memory_utilization,
-                    "--gpu-layers": gpu_layers, "--tp": tp, "--pp": pp, "--smt": smt or None}  # fmt: skip
+                    "--gpu-layers": gpu_layers, "--tp": tp, "--pp": pp, "--smt": smt or None,
+                    "--experts-format": experts_format, "--prompt-ratio": prompt_ratio}  # fmt: skip
         given = [k for k, v in planning.items() if v is not None]
         if given:
             raise fail(f"{', '.join(given)} plan(s) anew and cannot change a saved plan: run `lvllm tune ... --save` again, or pass vLLM options after --")
@@ -86,7 +91,8 @@ def serve(
             raise fail("give a profile name or a model directory (see `lvllm profiles`), or --plan FILE")
         from lvllm_cli.plan import build_plan
 
-        opts = PlanOptions(variant, machine, max_model_len, max_num_seqs, max_num_batched_tokens, gpu_memory_utilization, gpu_layers, tp, pp, smt)
+        opts = PlanOptions(variant, machine, max_model_len, max_num_seqs, max_num_batched_tokens, gpu_memory_utilization, gpu_layers, tp, pp, smt,
+                           experts_format, prompt_ratio)  # fmt: skip
         request = build_request(opts, extra)
         machine_obj = get_machine(machine)
         target_obj = resolve_target(target, variant)

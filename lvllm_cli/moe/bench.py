@@ -233,10 +233,23 @@ def _time_engine(lk, engine, name, dtype, cases, torch_us, bandwidth, l3_bytes, 
     return rows
 
 
+def _time_tokens(lk, layers, tokens: int, hidden: int, experts: int, topk: int, seconds: float, seed: int = 0) -> float:
+    """Median microseconds per layer call with `tokens` rows, cycling over `layers` for about `seconds`."""
+    import torch
+
+    x = torch.randn(tokens, hidden).to(torch.bfloat16)
+    out = torch.empty_like(x)
+    ids, tw = routing(tokens, experts, topk, seed=seed)
+    args = (x.data_ptr(), "bfloat16", ids.data_ptr(), False, tw.data_ptr(), tokens, topk, out.data_ptr(), "bfloat16",
+            ROUTING_STEPS)
+    ns = lk.time_layers([l.native for l in layers], *args, 1)  # warm-up pass, and the time one pass takes
+    passes = max(1, int(seconds / max(sum(ns) / 1e9, 1e-6)))
+    return _median_us(lk.time_layers([l.native for l in layers], *args, passes))
+
+
 def bench_moe_decode(hidden: int, inter: int, experts: int, topk: int, threads: int, cpus=None, seconds: float = 2.0) -> float:
     """Microseconds per decode layer (M=1) at these shapes, for `lvllm tune --measure`."""
     import psutil
-    import torch
 
     from lvllm_cli.moe import MoELayer, get_engine, native
 
@@ -251,14 +264,73 @@ def bench_moe_decode(hidden: int, inter: int, experts: int, topk: int, threads: 
         layer = MoELayer.empty(experts, hidden, inter, "bfloat16", engine=engine)
         layer.fill_random(seed=i + 1, scale=1.0 / math.sqrt(hidden))
         layers.append(layer)
-    x = torch.randn(1, hidden).to(torch.bfloat16)
-    out = torch.empty_like(x)
-    ids, tw = routing(1, experts, topk, seed=0)
-    args = (x.data_ptr(), "bfloat16", ids.data_ptr(), False, tw.data_ptr(), 1, topk, out.data_ptr(), "bfloat16",
-            ROUTING_STEPS)
-    ns = lk.time_layers([l.native for l in layers], *args, 1)
-    passes = max(1, int(seconds / max(sum(ns) / 1e9, 1e-6)))
-    return _median_us(lk.time_layers([l.native for l in layers], *args, passes))
+    return _time_tokens(lk, layers, 1, hidden, experts, topk, seconds)
+
+
+# Working set of the expert-format benchmark: this many times the last-level cache (so DRAM is what is timed)
+# and at least 2 layers, within a share of free RAM.  Smaller than `layers_for` (>= 4 GiB): tune measures
+# two formats on top of its thread counts, and the ratio between formats is what it needs.
+FORMAT_CACHE_MULTIPLE = 4
+
+
+def layers_over_cache(layer_bytes: int, l3_bytes: int, free_bytes: int, budget_share: float = 0.3) -> int:
+    """At least 2 layers and FORMAT_CACHE_MULTIPLE x L3, as long as they fit in a share of free RAM (at least 1)."""
+    want = max(math.ceil(FORMAT_CACHE_MULTIPLE * max(l3_bytes, 1) / layer_bytes), 2)
+    fit = int(free_bytes * budget_share // layer_bytes)
+    if fit < 1:
+        raise MemoryError(
+            f"one layer needs {layer_bytes / 2**30:.1f} GiB but only {free_bytes / 2**30:.1f} GiB of RAM is free"
+        )
+    return min(want, fit)
+
+
+def bench_moe_format(
+    hidden: int,
+    inter: int,
+    experts: int,
+    topk: int,
+    dtype: str,
+    group: int,
+    threads: int,
+    cpus=None,
+    seconds: float = 1.0,
+    prefill_tokens: int = 128,
+    *,
+    l3_bytes: int | None = None,
+    free_bytes: int | None = None,
+) -> dict:
+    """One expert format at these shapes: µs per layer for a decode token (M=1) and a prefill chunk
+    (M=prefill_tokens), each timed for about `seconds`, on random weights larger than the cache.
+
+    dtype: bfloat16, int4 or fp8; group: the scale group along the input dimension (0: one per row).
+    For `lvllm tune --measure`'s experts-format choice."""
+    import psutil
+
+    from lvllm_cli.moe import MoELayer, get_engine, native
+
+    lk = native.load()
+    engine = get_engine(threads=threads, cpus=cpus)
+    if l3_bytes is None:
+        from lvllm_cli.probe import probe
+
+        l3_bytes = probe(use_nvml=False).cpu.l3_bytes or (32 << 20)
+    free_bytes = psutil.virtual_memory().available if free_bytes is None else free_bytes
+    first = MoELayer.empty(experts, hidden, inter, dtype, group_size=group, engine=engine)
+    nl = layers_over_cache(first.packed_bytes, l3_bytes, free_bytes)
+    layers = [first] + [MoELayer.empty(experts, hidden, inter, dtype, group_size=group, engine=engine) for _ in range(nl - 1)]
+    for i, layer in enumerate(layers):
+        layer.fill_random(seed=i + 1, scale=1.0 / math.sqrt(hidden))
+    return {
+        "dtype": dtype,
+        "group": group,
+        "layers": nl,
+        "layer_bytes": first.packed_bytes,
+        "threads": engine.threads,
+        "kernel": first.kernel,
+        "decode_us": round(_time_tokens(lk, layers, 1, hidden, experts, topk, seconds), 1),
+        "prefill_tokens": prefill_tokens,
+        "prefill_us": round(_time_tokens(lk, layers, prefill_tokens, hidden, experts, topk, seconds, seed=1), 1),
+    }
 
 
 def rows_as_dicts(rows: list[Row]) -> list[dict]:
