@@ -109,6 +109,45 @@ def _quantized_shape(base: str, fmt: str) -> dict:
 SHAPES["qwen3-30b-a3b-int4"] = _quantized_shape("qwen3-30b-a3b", "int4")
 SHAPES["qwen3-30b-a3b-fp8"] = _quantized_shape("qwen3-30b-a3b", "fp8")
 
+# Qwen3-Next-80B-A3B-Instruct's config (every 4th layer full attention, the rest gated delta-net).
+SHAPES["qwen3-next-80b-a3b"] = {
+    "architectures": ["Qwen3NextForCausalLM"], "model_type": "qwen3_next",
+    "vocab_size": 151936, "hidden_size": 2048, "intermediate_size": 5120, "moe_intermediate_size": 512,
+    "shared_expert_intermediate_size": 512, "num_hidden_layers": 48, "num_attention_heads": 16,
+    "num_key_value_heads": 2, "head_dim": 256, "partial_rotary_factor": 0.25, "linear_conv_kernel_dim": 4,
+    "linear_key_head_dim": 128, "linear_value_head_dim": 128, "linear_num_key_heads": 16,
+    "linear_num_value_heads": 32, "full_attention_interval": 4,
+    "layer_types": ["full_attention" if (i + 1) % 4 == 0 else "linear_attention" for i in range(48)],
+    "num_experts": 512, "num_experts_per_tok": 10, "decoder_sparse_step": 1, "mlp_only_layers": [],
+    "norm_topk_prob": True, "rope_theta": 10000000.0, "max_position_embeddings": 262144, "rms_norm_eps": 1e-6,
+}
+
+
+def _fp8_routed_experts_only(base: str) -> dict:
+    """Block-fp8 routed experts (as Qwen3-Next-80B-A3B-Instruct-FP8 stores them); every GPU-side linear layer
+    stays bf16 (named in modules_to_not_convert, vLLM matches full names), so only the CPU sees fp8."""
+    shape = SHAPES[base]
+    names = []
+    for i, kind in enumerate(shape["layer_types"]):
+        pre = f"model.layers.{i}"
+        mixer = (["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"] if kind == "full_attention"
+                 else ["linear_attn.in_proj_qkvz", "linear_attn.in_proj_ba", "linear_attn.out_proj", "linear_attn.conv1d"])
+        names += [f"{pre}.{m}" for m in mixer]
+        names += [f"{pre}.mlp.shared_expert.{p}" for p in ("gate_proj", "up_proj", "down_proj")]
+    qc = {**quantization_config_fp8(), "modules_to_not_convert": names}
+    return {**shape, "quantization_config": qc}
+
+
+def quantization_config_fp8() -> dict:
+    from lvllm_cli.tiny_quantized import quantization_config
+
+    qc = quantization_config("fp8", 0)
+    qc.pop("modules_to_not_convert")
+    return qc
+
+
+SHAPES["qwen3-next-80b-a3b-fp8"] = _fp8_routed_experts_only("qwen3-next-80b-a3b")
+
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>"]
 
 

@@ -14,6 +14,10 @@
 #   diag            host-function latency (no vLLM), kernels in cache, engine phases at 30B decode
 #   perf-30b        30B bf16 + int4 with the per-token timing breakdown (LVLLM_TIMING_FILE)
 #   next-diag       Qwen3-Next: stock vs stock again, and plugin with every layer on the GPU
+#   quant-gptq-awq  tiny Qwen3-MoE with GPTQ / AWQ experts: stock vLLM vs plugin (issue 8)
+#   memops          LVLLM_STREAM_SYNC=memops: tiny Qwen3-MoE stock vs plugin, then 30B bf16 decode
+#   memops-int4     LVLLM_STREAM_SYNC=memops: 30B int4 decode
+#   perf-80b-fp8    Qwen3-Next-80B-A3B shapes with fp8 experts on the CPU: decode vs roofline (issue 8)
 #
 # Output goes to $OUT with tee, never through grep (a killed pipeline returns nothing).
 set -uo pipefail
@@ -42,6 +46,13 @@ case "${1:-}" in
   perf-30b) LVLLM_RUN_TIMEOUT=270 python3 scripts/gpu_perf_30b.py "$OUT" lvllm_graphs lvllm_int4 2>&1 | tee "$OUT/perf-30b.log" ;;
   next-diag) LVLLM_E2E_VARIANTS=stock_again,plugin_all_gpu LVLLM_RUN_TIMEOUT=250 \
       python3 scripts/gpu_plugin_e2e.py "$OUT" qwen3_next 2>&1 | tee "$OUT/e2e-next-diag.log" ;;
+  quant-gptq-awq) LVLLM_RUN_TIMEOUT=200 python3 scripts/gpu_plugin_e2e.py "$OUT" qwen3_moe_gptq qwen3_moe_awq 2>&1 | tee "$OUT/e2e-gptq-awq.log" ;;
+  memops)
+    LVLLM_STREAM_SYNC=memops LVLLM_E2E_VARIANTS=cpu_graphs LVLLM_RUN_TIMEOUT=150 \
+      python3 scripts/gpu_plugin_e2e.py "$OUT" qwen3_moe 2>&1 | tee "$OUT/e2e-memops.log"
+    LVLLM_STREAM_SYNC=memops LVLLM_RUN_TIMEOUT=270 python3 scripts/gpu_perf_30b.py "$OUT" lvllm_graphs 2>&1 | tee "$OUT/perf-memops.log" ;;
+  memops-int4) LVLLM_STREAM_SYNC=memops LVLLM_RUN_TIMEOUT=270 python3 scripts/gpu_perf_30b.py "$OUT" lvllm_int4 2>&1 | tee "$OUT/perf-memops-int4.log" ;;
+  perf-80b-fp8) LVLLM_RUN_TIMEOUT=560 python3 scripts/gpu_perf_80b_fp8.py "$OUT" 2>&1 | tee "$OUT/perf-80b-fp8.log" ;;
   serve-30b)
     d=/tmp/lvllm-shape-30b
     [ -d "$d" ] || python3 -m lvllm_cli shape qwen3-30b-a3b "$d"
@@ -54,5 +65,5 @@ case "${1:-}" in
     kill -INT -"$(cat /tmp/lvllm-serve30.pid)"
     for i in $(seq 30); do kill -0 "$(cat /tmp/lvllm-serve30.pid)" 2>/dev/null || break; sleep 1; done
     tail -20 "$OUT/serve-30b.log" ;;
-  *) sed -n 2,19p "$0"; exit 2 ;;
+  *) sed -n 2,23p "$0"; exit 2 ;;
 esac

@@ -149,3 +149,74 @@ def test_callback_thread_is_kept_off_worker_cores():
     else:  # nowhere else to go: left as it was
         assert seen["affinity"] == set(allowed)
     assert rel_err(as_f64(st.out), _ref(x, w13, w2, ids, tw)) <= 1e-2
+
+
+def _doorbell_run(spin_us, replays=4, host_latency_s=0.0):
+    """Three layers captured with LVLLM_STREAM_SYNC=memops, replayed like a graph, each output against the reference."""
+    eng = lk.Engine([(-1, [-1, -1])], spin_us, "scalar")
+    probs = [random_problem(1, 1, 16, 96, 64, seed=30 + i) for i in range(3)]
+    layers = [(MoELayer(p[1], p[2], engine=eng), p[1], p[2]) for p in probs]
+    stream = InOrderExecutor(host_latency_s)
+    stream.capture = True
+    runner = HostCallRunner(stream, Staging(32, 96, 4, torch.bfloat16, pin=False), "memops")
+    lk.reset_hostfn_times()
+    try:
+        for r in range(replays):
+            x, _, _, ids, tw = random_problem(1 + r % 2 * 6, 4, 16, 96, 64, seed=40 + r)
+            h, outs = x, []
+            for layer, _, _ in layers:
+                h = runner.run(layer, h, ids, tw)
+                outs.append(h)
+            stream.synchronize()
+            h_ref = x
+            for (layer, w13, w2), out in zip(layers, outs):
+                assert rel_err(as_f64(out), _ref(h_ref, w13, w2, ids, tw)) <= 1e-2
+                h_ref = out
+        assert len(runner._persistent) == 6  # (3 layers) x (1 and 7 tokens)
+        return lk.hostfn_times()
+    finally:
+        runner.close()
+        stream.close()
+
+
+def test_doorbell_calls_posted_by_the_spinning_worker():
+    # Workers spin throughout and the backstop comes 5 ms after the bell: worker 0 claims (nearly) every bell.
+    t = _doorbell_run(spin_us=2_000_000, host_latency_s=0.005)
+    assert t["doorbell_worker"] + t["doorbell_backstop"] == 12
+    assert t["doorbell_worker"] >= 9
+
+
+def test_doorbell_calls_posted_by_the_backstop_when_workers_sleep():
+    t = _doorbell_run(spin_us=0)  # workers sleep at once: nobody watches the bell
+    assert t["doorbell_worker"] + t["doorbell_backstop"] == 12
+    assert t["doorbell_backstop"] >= 1
+
+
+def test_eager_calls_keep_the_host_functions_under_memops(stream):
+    (layer, w13, w2), = _layers(1)
+    runner = HostCallRunner(stream, Staging(16, 96, 2, torch.bfloat16, pin=False), "memops")
+    lk.reset_hostfn_times()
+    x, _, _, ids, tw = random_problem(5, 2, 16, 96, 64, seed=8)
+    out = runner.run(layer, x, ids, tw)
+    stream.synchronize()
+    assert rel_err(as_f64(out), _ref(x, w13, w2, ids, tw)) <= 1e-2
+    t = lk.hostfn_times()
+    assert t["doorbell_worker"] + t["doorbell_backstop"] == 0 and runner._persistent == {}
+
+
+def test_stream_sync_setting_and_doorbell_arguments_are_checked(stream):
+    from lvllm_cli.moe.hostcalls import stream_sync
+
+    assert stream_sync({}) == "hostfn" and stream_sync({"LVLLM_STREAM_SYNC": "memops"}) == "memops"
+    with pytest.raises(ValueError, match="LVLLM_STREAM_SYNC='graph'.*hostfn.*memops"):
+        stream_sync({"LVLLM_STREAM_SYNC": "graph"})
+    with pytest.raises(ValueError, match="stream sync must be one of"):
+        HostCallRunner(stream, Staging(8, 96, 4, torch.bfloat16, pin=False), "spin")
+    (layer, _, _), = _layers(1)
+    st = Staging(4, 96, 2, torch.bfloat16, pin=False)
+    args = (layer.native, st.x.data_ptr(), "bfloat16", st.ids.data_ptr(), False, st.weights.data_ptr(), 4, 2,
+            st.out.data_ptr(), "bfloat16")
+    with pytest.raises(ValueError, match="needs both the bell and the done flag"):
+        lk.make_host_call(*args, False, st.bell_address, 0)
+    with pytest.raises(ValueError, match="not owned by the stream"):
+        lk.make_host_call(*args, True, st.bell_address, st.done_address)

@@ -15,6 +15,20 @@ suffices.  A call descriptor names the layer and the token count; eager calls
 get a fresh one that the wait host function frees, captured calls get one per
 (layer, tokens) that lives as long as the layer (a graph may replay it).
 
+With LVLLM_STREAM_SYNC=memops, captured calls (CUDA graphs) skip the host
+functions' round trips through CUDA's callback thread:
+
+    D2H ...
+    write 0 -> done flag, write call id -> bell     (stream memory operations)
+    host function: backstop (posts the job if nobody claimed the bell)
+    wait until done flag == 1                       (the GPU polls pinned memory)
+    H2D ...
+
+The engine's worker 0, spinning between jobs, sees the bell within a
+microsecond and posts the job itself; the last worker stores 1 to the done
+flag.  The backstop covers workers asleep after LK_SPIN_US idle.  Eager calls
+always use the two host functions.
+
 The stream itself is abstracted by `StreamOps`, so the same runner is tested
 on the CPU with an in-order executor standing in for a CUDA stream.
 """
@@ -23,6 +37,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from typing import Any, Protocol
 
 from lvllm_cli.moe import native
@@ -37,10 +52,26 @@ def engine_dtype(dtype: Any) -> str:
     return _TORCH_TO_ENGINE[name]
 
 
+STREAM_SYNC = ("hostfn", "memops")
+
+
+def stream_sync(env) -> str:
+    """LVLLM_STREAM_SYNC: how captured calls hand over to the CPU (module doc)."""
+    v = env.get("LVLLM_STREAM_SYNC", "").strip() or "hostfn"
+    if v not in STREAM_SYNC:
+        raise ValueError(f"LVLLM_STREAM_SYNC={v!r}: use hostfn (two host functions per layer) or memops "
+                         "(stream memory operations and a spinning worker)")
+    return v
+
+
 class StreamOps(Protocol):
     def copy(self, dst: Any, src: Any) -> None: ...
     def host_submit(self, call: int) -> None: ...
     def host_wait(self, call: int) -> None: ...
+    def host_backstop(self, call: int) -> None: ...
+    def device_address(self, host_address: int) -> int: ...
+    def write_value(self, device_address: int, value: int) -> None: ...
+    def wait_value(self, device_address: int, value: int) -> None: ...
     def capturing(self) -> bool: ...
     def empty_like(self, x: Any) -> Any: ...
 
@@ -69,6 +100,18 @@ class CudaStreamOps:
     def host_wait(self, call: int) -> None:
         self._lk.enqueue_wait(self._stream(), call)
 
+    def host_backstop(self, call: int) -> None:
+        self._lk.enqueue_backstop(self._stream(), call)
+
+    def device_address(self, host_address: int) -> int:
+        return self._lk.host_device_pointer(host_address)
+
+    def write_value(self, device_address: int, value: int) -> None:
+        self._lk.enqueue_write_value32(self._stream(), device_address, value)
+
+    def wait_value(self, device_address: int, value: int) -> None:
+        self._lk.enqueue_wait_value32(self._stream(), device_address, value)
+
     def capturing(self) -> bool:
         return bool(self._torch.cuda.is_current_stream_capturing())
 
@@ -83,7 +126,9 @@ class InOrderExecutor:
     thread; `synchronize()` waits for everything enqueued so far.
     """
 
-    def __init__(self):
+    def __init__(self, host_latency_s: float = 0.0):
+        # CUDA runs a host function some microseconds after the stream reaches it; tests can make that visible.
+        self.host_latency_s = host_latency_s
         self._q: "queue.Queue[Any]" = queue.Queue()
         self._errors: list[BaseException] = []
         self._t = threading.Thread(target=self._run, daemon=True)
@@ -116,6 +161,22 @@ class InOrderExecutor:
     def host_wait(self, call: int) -> None:
         self._q.put(lambda: self._lk.run_hostfn_wait(call))
 
+    def host_backstop(self, call: int) -> None:
+        self._q.put(lambda: (time.sleep(self.host_latency_s), self._lk.run_hostfn_backstop(call)))
+
+    def device_address(self, host_address: int) -> int:
+        return host_address
+
+    def write_value(self, device_address: int, value: int) -> None:
+        self._q.put(lambda: self._lk.poke32(device_address, value))
+
+    def wait_value(self, device_address: int, value: int) -> None:
+        def spin():
+            while self._lk.peek32(device_address) != value:
+                time.sleep(0)
+
+        self._q.put(spin)
+
     def capturing(self) -> bool:
         return self.capture
 
@@ -147,6 +208,16 @@ class Staging:
         self.ids = torch.empty(max_tokens, k, dtype=torch.int32, pin_memory=pin)
         self.weights = torch.empty(max_tokens, k, dtype=torch.float32, pin_memory=pin)
         self.out = torch.empty(max_tokens, hidden, dtype=dtype, pin_memory=pin)
+        # Doorbell words for LVLLM_STREAM_SYNC=memops: the bell at [0], the done flag at [16] (own cache lines).
+        self.sync = torch.zeros(32, dtype=torch.int32, pin_memory=pin)
+
+    @property
+    def bell_address(self) -> int:
+        return self.sync.data_ptr()
+
+    @property
+    def done_address(self) -> int:
+        return self.sync.data_ptr() + 16 * 4
 
     def fits(self, hidden: int, k: int, dtype: Any) -> bool:
         return hidden == self.hidden and k == self.k and dtype == self.dtype
@@ -155,12 +226,19 @@ class Staging:
 class HostCallRunner:
     """Runs MoE layers on the CPU engine from a stream (see the module doc)."""
 
-    def __init__(self, ops: StreamOps, staging: Staging):
+    def __init__(self, ops: StreamOps, staging: Staging, sync: str = "hostfn"):
+        if sync not in STREAM_SYNC:
+            raise ValueError(f"stream sync must be one of {STREAM_SYNC}, got {sync!r}")
         self.ops = ops
         self.staging = staging
+        self.sync = sync
         self._lk = native.load()
         self._persistent: dict[tuple[int, int], int] = {}
         self.calls_enqueued = 0
+        self._bell_dev = self._done_dev = None
+        if sync == "memops":
+            self._bell_dev = ops.device_address(staging.bell_address)
+            self._done_dev = ops.device_address(staging.done_address)
 
     def _call(self, layer: Any, tokens: int) -> int:
         st = self.staging
@@ -176,7 +254,8 @@ class HostCallRunner:
         key = (id(layer.native), tokens)
         call = self._persistent.get(key)
         if call is None:
-            call = self._lk.make_host_call(*args, False)
+            doorbell = (st.bell_address, st.done_address) if self.sync == "memops" else (0, 0)
+            call = self._lk.make_host_call(*args, False, *doorbell)
             self._persistent[key] = (call, layer)  # keep the layer alive as long as the call
             return call
         return call[0]
@@ -198,14 +277,24 @@ class HostCallRunner:
             self.ops.copy(st.ids[:n], topk_ids[s:e])
             self.ops.copy(st.weights[:n], topk_weights[s:e])
             call = self._call(layer, n)
-            self.ops.host_submit(call)
-            self.ops.host_wait(call)
+            call_id = self._lk.host_call_id(call)
+            if call_id:
+                self.ops.write_value(self._done_dev, 0)
+                self.ops.write_value(self._bell_dev, call_id)
+                self.ops.host_backstop(call)
+                self.ops.wait_value(self._done_dev, 1)
+            else:
+                self.ops.host_submit(call)
+                self.ops.host_wait(call)
             self.ops.copy(out[s:e], st.out[:n])
             self.calls_enqueued += 1
         return out
 
     def close(self) -> None:
         """Free the captured calls (only once no graph that uses them can replay)."""
+        engines = {id(layer.engine): layer.engine for _call, layer in self._persistent.values()}
+        for engine in engines.values():
+            self._lk.stop_doorbell(engine)
         for call, _layer in self._persistent.values():
             self._lk.free_host_call(call)
         self._persistent.clear()

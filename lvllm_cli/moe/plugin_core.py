@@ -13,6 +13,8 @@ Environment (set by `lvllm serve`, see lvllm_cli/plan.py):
   LK_THREADS / LK_CPUS / LK_NODES / LK_VIRTUAL_NODES   a single worker's placement
   LVLLM_METRICS_DIR        where each worker publishes its figures (monitor)
   LVLLM_EXPERTS_BF16=1     widen quantized checkpoints' experts to bf16 at load
+  LVLLM_STREAM_SYNC=memops captured calls hand over through stream memory operations
+                           and a spinning worker instead of two host functions (hostcalls.py)
   LVLLM_TIMING_FILE        where each second a JSON snapshot of the engine's and host
                            functions' counters goes (moe/timing.py; benchmarks)
 """
@@ -168,14 +170,20 @@ class CpuExperts:
     # -- running -------------------------------------------------------------
     def runner(self, hidden: int, k: int, dtype: Any):
         """The process-wide runner; its pinned staging is made before any graph capture."""
-        from lvllm_cli.moe.hostcalls import CudaStreamOps, HostCallRunner, Staging
+        from lvllm_cli.moe.hostcalls import CudaStreamOps, HostCallRunner, Staging, stream_sync
 
         key = (hidden, k, str(dtype))
         with self._lock:
             if self._runner is None:
                 ops = self._stream_ops() if self._stream_ops else CudaStreamOps()
                 pin = isinstance(ops, CudaStreamOps)
-                self._runner = HostCallRunner(ops, Staging(self.max_tokens, hidden, k, dtype, pin=pin))
+                staging = Staging(self.max_tokens, hidden, k, dtype, pin=pin)
+                sync = stream_sync(self.env)
+                try:
+                    self._runner = HostCallRunner(ops, staging, sync)
+                except RuntimeError as exc:  # a driver without stream memory operations
+                    log.warning("lvllm: LVLLM_STREAM_SYNC=%s unavailable (%s); using host functions", sync, exc)
+                    self._runner = HostCallRunner(ops, staging, "hostfn")
                 self._staging_key = key
             elif key != self._staging_key:
                 raise RuntimeError(

@@ -422,9 +422,16 @@ void Engine::run_job(void* ctx, const WorkerInfo& w) {
   }
 }
 
-void Engine::submit(MoELayer* layer, const ForwardArgs& args) {
+bool Engine::fits_without_growing(const MoELayer& layer, int M, int k) {
   std::lock_guard<std::mutex> lock(submit_mu_);
-  if (!pool_->done()) wait();
+  return fits(*job_, layer, M, k);
+}
+
+void Engine::submit(MoELayer* layer, const ForwardArgs& args, uint32_t* done_flag) {
+  std::lock_guard<std::mutex> lock(submit_mu_);
+  // Also when the pool is done: a job nobody waited for (its completion went
+  // to a done flag) still has its figures to account.
+  wait();
   Job& j = *job_;
   j.is_pf = false;
   j.layer = layer;
@@ -441,7 +448,7 @@ void Engine::submit(MoELayer* layer, const ForwardArgs& args) {
   j.end_ns.store(j.start_ns);
   calls_.fetch_add(1, std::memory_order_relaxed);
   tokens_.fetch_add(args.M, std::memory_order_relaxed);
-  pool_->submit(&Engine::run_job, this);
+  pool_->submit(&Engine::run_job, this, done_flag);
 }
 
 void Engine::wait() {

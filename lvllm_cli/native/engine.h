@@ -70,8 +70,12 @@ class Engine {
   // Asynchronous forward: returns once the job is posted.  `args` pointers
   // must stay valid until wait() returns.  Invalid expert ids are skipped
   // and counted (the asynchronous path cannot raise).
-  void submit(MoELayer* layer, const ForwardArgs& args);
+  // `done_flag`: also store 1 there when the job is done (Pool::submit).
+  void submit(MoELayer* layer, const ForwardArgs& args, uint32_t* done_flag = nullptr);
   void wait();
+  // Whether a call of M tokens x k fits the scratch already reserved, i.e.
+  // submit() would not allocate (a submit from a worker thread must not).
+  bool fits_without_growing(const MoELayer& layer, int M, int k);
   bool idle() const { return pool_->done(); }
   // When the last job waited for finished (steady clock, ns): the host
   // functions' timing compares it with when the stream reached the wait.

@@ -20,6 +20,7 @@ namespace {
 // Written only by CUDA's callback thread (or the stand-in executor's), read by the metrics thread.
 struct TimeSums {
   std::atomic<uint64_t> calls{0}, gaps{0}, gap_ns{0}, submit_ns{0}, to_wait_ns{0}, wait_ns{0}, done_to_return_ns{0};
+  std::atomic<uint64_t> doorbell_worker{0}, doorbell_backstop{0};
   std::atomic<int64_t> last_return_ns{0};
 };
 TimeSums g_times;
@@ -42,6 +43,39 @@ void record(const HostCall& c, int64_t wait_entered, int64_t wait_returned, int6
   add(g_times.done_to_return_ns, wait_returned - std::max(engine_done, wait_entered));
 }
 
+// Doorbell calls by id (the value the stream writes to the bell).  Ids are
+// handed out at capture time and looked up by the ringing worker without a lock.
+constexpr uint32_t kMaxDoorbellCalls = 1u << 16;
+std::atomic<HostCall*> g_doorbell_calls[kMaxDoorbellCalls];
+std::mutex g_doorbell_mu;
+
+uint32_t register_doorbell_call(HostCall* c) {
+  std::lock_guard<std::mutex> lock(g_doorbell_mu);
+  for (uint32_t id = 1; id < kMaxDoorbellCalls; ++id) {
+    HostCall* expected = nullptr;
+    if (g_doorbell_calls[id].compare_exchange_strong(expected, c)) return id;
+  }
+  throw std::runtime_error("more than 65535 captured CPU-expert calls; use LVLLM_STREAM_SYNC=hostfn");
+}
+
+// Claim the bell (it still holds c's id) and post c's job; false if someone else did.
+bool claim_and_submit(HostCall* c) {
+  uint32_t expected = c->id;
+  if (!__atomic_compare_exchange_n(c->bell, &expected, 0u, false, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) return false;
+  c->submit_entered_ns = now_ns();
+  c->layer->engine().submit(c->layer, c->args, c->done);
+  c->submit_returned_ns = now_ns();
+  return true;
+}
+
+// Worker 0 saw `id` on the bell while spinning.  It must not allocate or wait
+// for itself, so a call that needs more scratch is left to the backstop.
+void ring(void*, uint32_t id) {
+  HostCall* c = id < kMaxDoorbellCalls ? g_doorbell_calls[id].load(std::memory_order_acquire) : nullptr;
+  if (!c || !c->layer->engine().fits_without_growing(*c->layer, c->args.M, c->args.k)) return;
+  if (claim_and_submit(c)) g_times.doorbell_worker.fetch_add(1, std::memory_order_relaxed);
+}
+
 }  // namespace
 
 HostFnTimes hostfn_times() {
@@ -53,12 +87,14 @@ HostFnTimes hostfn_times() {
   t.to_wait_ns = g_times.to_wait_ns.load();
   t.wait_ns = g_times.wait_ns.load();
   t.done_to_return_ns = g_times.done_to_return_ns.load();
+  t.doorbell_worker = g_times.doorbell_worker.load();
+  t.doorbell_backstop = g_times.doorbell_backstop.load();
   return t;
 }
 
 void reset_hostfn_times() {
   for (auto* a : {&g_times.calls, &g_times.gaps, &g_times.gap_ns, &g_times.submit_ns, &g_times.to_wait_ns, &g_times.wait_ns,
-                  &g_times.done_to_return_ns})
+                  &g_times.done_to_return_ns, &g_times.doorbell_worker, &g_times.doorbell_backstop})
     a->store(0);
   g_times.last_return_ns.store(0);
 }
@@ -67,6 +103,18 @@ void reset_hostfn_times() {
 
 // Writes the steady clock (ns) to *(int64_t*)slot: for measuring how late host functions run.
 extern "C" void lk_hostfn_stamp(void* slot) { *static_cast<int64_t*>(slot) = lk::now_ns(); }
+
+// Runs right after the stream rang the bell: posts the job if worker 0 was
+// not spinning (asleep after LK_SPIN_US idle) and so did not claim it.
+extern "C" void lk_hostfn_backstop(void* p) {
+  lk::HostCall* c = static_cast<lk::HostCall*>(p);
+  static thread_local bool placed = false;
+  if (!placed) {
+    c->layer->engine().pool().keep_caller_off_workers();
+    placed = true;
+  }
+  if (lk::claim_and_submit(c)) lk::g_times.doorbell_backstop.fetch_add(1, std::memory_order_relaxed);
+}
 
 extern "C" void lk_hostfn_submit(void* p) {
   lk::HostCall* c = static_cast<lk::HostCall*>(p);
@@ -98,11 +146,24 @@ using CUhostFn = void (*)(void*);
 using LaunchHostFn = CUresult (*)(void* stream, CUhostFn fn, void* user);
 using GetErrorString = CUresult (*)(CUresult, const char**);
 
+using CUdeviceptr = unsigned long long;
+using StreamValue32 = CUresult (*)(void* stream, CUdeviceptr addr, uint32_t value, unsigned flags);
+using HostDevicePointer = CUresult (*)(CUdeviceptr* dptr, void* p, unsigned flags);
+constexpr unsigned kWaitValueEq = 0x1;  // CU_STREAM_WAIT_VALUE_EQ
+
 struct CudaDriver {
   LaunchHostFn launch = nullptr;
   GetErrorString error_string = nullptr;
+  StreamValue32 write_value = nullptr, wait_value = nullptr;
+  HostDevicePointer device_pointer = nullptr;
   std::string problem;
 };
+
+template <class F>
+F symbol(void* h, const char* v2, const char* v1) {
+  void* s = dlsym(h, v2);
+  return reinterpret_cast<F>(s ? s : dlsym(h, v1));
+}
 
 const CudaDriver& driver() {
   static CudaDriver d;
@@ -115,20 +176,33 @@ const CudaDriver& driver() {
     }
     d.launch = reinterpret_cast<LaunchHostFn>(dlsym(h, "cuLaunchHostFunc"));
     d.error_string = reinterpret_cast<GetErrorString>(dlsym(h, "cuGetErrorString"));
+    d.write_value = symbol<StreamValue32>(h, "cuStreamWriteValue32_v2", "cuStreamWriteValue32");
+    d.wait_value = symbol<StreamValue32>(h, "cuStreamWaitValue32_v2", "cuStreamWaitValue32");
+    d.device_pointer = symbol<HostDevicePointer>(h, "cuMemHostGetDevicePointer_v2", "cuMemHostGetDevicePointer");
     if (!d.launch) d.problem = "the CUDA driver has no cuLaunchHostFunc (driver older than CUDA 10)";
   });
   return d;
 }
 
+void check(CUresult r, const char* what) {
+  if (r == 0) return;
+  const char* s = nullptr;
+  if (driver().error_string) driver().error_string(r, &s);
+  throw std::runtime_error(std::string(what) + " failed: " + (s ? s : "error ") + " (" + std::to_string(r) + ")");
+}
+
 void enqueue(uintptr_t stream, uintptr_t call, CUhostFn fn) {
   const CudaDriver& d = driver();
   if (!d.launch) throw std::runtime_error(d.problem);
-  CUresult r = d.launch(reinterpret_cast<void*>(stream), fn, reinterpret_cast<void*>(call));
-  if (r != 0) {
-    const char* s = nullptr;
-    if (d.error_string) d.error_string(r, &s);
-    throw std::runtime_error("cuLaunchHostFunc failed: " + std::string(s ? s : "error ") + " (" + std::to_string(r) + ")");
-  }
+  check(d.launch(reinterpret_cast<void*>(stream), fn, reinterpret_cast<void*>(call)), "cuLaunchHostFunc");
+}
+
+const CudaDriver& memops_driver() {
+  const CudaDriver& d = driver();
+  if (!d.launch) throw std::runtime_error(d.problem);
+  if (!d.write_value || !d.wait_value || !d.device_pointer)
+    throw std::runtime_error("the CUDA driver has no stream memory operations (cuStreamWriteValue32/cuStreamWaitValue32)");
+  return d;
 }
 
 }  // namespace
@@ -137,20 +211,59 @@ void bind_hostfn(nb::module_& m) {
   m.def(
       "make_host_call",
       [](MoELayer& l, uintptr_t x, const std::string& xt, uintptr_t ids, bool ids64, uintptr_t tw, int M, int k, uintptr_t out,
-         const std::string& ot, bool owned_by_stream) {
+         const std::string& ot, bool owned_by_stream, uintptr_t bell, uintptr_t done) {
         ForwardArgs args = raw_forward_args(l, x, xt, 0, ids, ids64, tw, M, k, out, ot, 0);
+        if ((bell == 0) != (done == 0)) throw nb::value_error("a doorbell call needs both the bell and the done flag");
+        if (bell && owned_by_stream) throw nb::value_error("doorbell calls are kept (captured), not owned by the stream");
         HostCall* c = new HostCall();
         c->layer = &l;
         c->args = args;
         c->owned_by_stream = owned_by_stream;
+        if (bell) {
+          c->bell = reinterpret_cast<uint32_t*>(bell);
+          c->done = reinterpret_cast<uint32_t*>(done);
+          try {
+            c->id = register_doorbell_call(c);
+          } catch (...) {
+            delete c;
+            throw;
+          }
+          l.engine().pool().watch_doorbell(c->bell, &ring, nullptr);
+        }
         return reinterpret_cast<uintptr_t>(c);
       },
       "layer"_a, "x"_a, "x_dtype"_a, "topk_ids"_a, "ids_int64"_a, "topk_weights"_a, "tokens"_a, "k"_a, "out"_a,
-      "out_dtype"_a, "owned_by_stream"_a,
+      "out_dtype"_a, "owned_by_stream"_a, "bell"_a = 0, "done"_a = 0,
       "A call descriptor on pinned buffers (contiguous [tokens, hidden] x/out, [tokens, k] ids/weights).  The layer must "
-      "outlive it.");
-  m.def("free_host_call", [](uintptr_t c) { delete reinterpret_cast<HostCall*>(c); }, "call"_a,
-        "Free a descriptor that is not owned by the stream (never while a graph that uses it may replay).");
+      "outlive it.  With `bell`/`done` (pinned uint32 words) it is a doorbell call (see hostfn.h).");
+  m.def("host_call_id", [](uintptr_t c) { return reinterpret_cast<HostCall*>(c)->id; }, "call"_a,
+        "The value the stream writes to the bell for this call (0: not a doorbell call).");
+  m.def("free_host_call", [](uintptr_t p) {
+    HostCall* c = reinterpret_cast<HostCall*>(p);
+    if (c->id) g_doorbell_calls[c->id].store(nullptr, std::memory_order_release);
+    delete c;
+  }, "call"_a, "Free a descriptor that is not owned by the stream (never while a graph that uses it may replay).");
+  m.def("stop_doorbell", [](Engine& e) { e.pool().watch_doorbell(nullptr, nullptr, nullptr); }, "engine"_a,
+        "Worker 0 stops watching the bell (before its memory goes).");
+  m.def("enqueue_backstop", [](uintptr_t stream, uintptr_t c) { enqueue(stream, c, &lk_hostfn_backstop); }, "stream"_a,
+        "call"_a, "cuLaunchHostFunc(stream, backstop, call): post the doorbell call's job if nobody claimed the bell.");
+  m.def("run_hostfn_backstop", [](uintptr_t c) { lk_hostfn_backstop(reinterpret_cast<void*>(c)); }, "call"_a,
+        nb::call_guard<nb::gil_scoped_release>(), "Run the backstop host function on this thread.");
+  m.def("host_device_pointer", [](uintptr_t host) {
+    CUdeviceptr d = 0;
+    check(memops_driver().device_pointer(&d, reinterpret_cast<void*>(host), 0), "cuMemHostGetDevicePointer");
+    return uintptr_t(d);
+  }, "host"_a, "The device address of pinned host memory (for stream memory operations).");
+  m.def("enqueue_write_value32", [](uintptr_t stream, uintptr_t dev, uint32_t v) {
+    check(memops_driver().write_value(reinterpret_cast<void*>(stream), dev, v, 0), "cuStreamWriteValue32");
+  }, "stream"_a, "device_address"_a, "value"_a, "Stream-ordered store of `value` (after a memory barrier).");
+  m.def("enqueue_wait_value32", [](uintptr_t stream, uintptr_t dev, uint32_t v) {
+    check(memops_driver().wait_value(reinterpret_cast<void*>(stream), dev, v, kWaitValueEq), "cuStreamWaitValue32");
+  }, "stream"_a, "device_address"_a, "value"_a, "The stream waits until the word equals `value`.");
+  m.def("poke32", [](uintptr_t addr, uint32_t v) { __atomic_store_n(reinterpret_cast<uint32_t*>(addr), v, __ATOMIC_RELEASE); },
+        "address"_a, "value"_a, "Store to a host word as the stream would (CPU stand-in for tests).");
+  m.def("peek32", [](uintptr_t addr) { return __atomic_load_n(reinterpret_cast<uint32_t*>(addr), __ATOMIC_ACQUIRE); },
+        "address"_a, "Load a host word (CPU stand-in for tests).");
   m.def("hostfn_addresses", []() {
     return std::make_pair(reinterpret_cast<uintptr_t>(&lk_hostfn_submit), reinterpret_cast<uintptr_t>(&lk_hostfn_wait));
   }, "Addresses of the submit and wait host functions (void fn(void* call)).");
@@ -170,6 +283,7 @@ void bind_hostfn(nb::module_& m) {
     nb::dict d;
     d["calls"] = t.calls; d["gaps"] = t.gaps; d["gap_ns"] = t.gap_ns; d["submit_ns"] = t.submit_ns;
     d["to_wait_ns"] = t.to_wait_ns; d["wait_ns"] = t.wait_ns; d["done_to_return_ns"] = t.done_to_return_ns;
+    d["doorbell_worker"] = t.doorbell_worker; d["doorbell_backstop"] = t.doorbell_backstop;
     return d;
   }, "Sums over one-token host calls of this process: where a CPU layer's time goes as the stream sees it (see hostfn.h).");
   m.def("reset_hostfn_times", &reset_hostfn_times);

@@ -21,6 +21,13 @@ struct HostCall {
   // until free_host_call (the graph replays them).
   bool owned_by_stream = false;
   int64_t submit_entered_ns = 0, submit_returned_ns = 0;  // this call's last run, for HostFnTimes
+  // Doorbell calls (graph-captured, LVLLM_STREAM_SYNC=memops): the stream
+  // writes `id` to *bell, the engine's spinning worker 0 (or the backstop
+  // host function, whichever claims the bell first) submits the job, and the
+  // stream waits for the engine to store 1 to *done.  0: an ordinary call.
+  uint32_t id = 0;
+  uint32_t* bell = nullptr;
+  uint32_t* done = nullptr;
 };
 
 // Where a CPU layer's time goes as the stream sees it, summed over calls of
@@ -34,6 +41,8 @@ struct HostCall {
 // -> the wait returning.
 struct HostFnTimes {
   uint64_t calls = 0, gaps = 0, gap_ns = 0, submit_ns = 0, to_wait_ns = 0, wait_ns = 0, done_to_return_ns = 0;
+  // Doorbell calls (any token count): posted by the spinning worker 0 / by the backstop host function.
+  uint64_t doorbell_worker = 0, doorbell_backstop = 0;
 };
 HostFnTimes hostfn_times();
 void reset_hostfn_times();
@@ -46,4 +55,5 @@ extern "C" {
 void lk_hostfn_submit(void* call);
 void lk_hostfn_wait(void* call);
 void lk_hostfn_stamp(void* slot);
+void lk_hostfn_backstop(void* call);
 }

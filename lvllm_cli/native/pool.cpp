@@ -72,8 +72,17 @@ void Pool::worker_main(Worker* w) {
     if (seq == seen) {
       int64_t deadline = now_ns() + spin_ns_;
       int n = 0;
+      const bool doorman = w->info.gid == 0;
       while ((seq = job_seq_.load(std::memory_order_acquire)) == seen) {
         LK_PAUSE();
+        if (doorman) {
+          uint32_t* bell = bell_.load(std::memory_order_acquire);
+          if (bell && __atomic_load_n(bell, __ATOMIC_ACQUIRE) != 0) {
+            RingFn ring = ring_.load(std::memory_order_acquire);
+            const uint32_t v = __atomic_load_n(bell, __ATOMIC_ACQUIRE);
+            if (ring && v) ring(ring_ctx_, v);
+          }
+        }
         if ((++n & 255) == 0 && now_ns() > deadline) {
           sleepers_.fetch_add(1);  // seq_cst: pairs with submit()'s increment/read
           while ((seq = job_seq_.load(std::memory_order_acquire)) == seen) futex_wait(&job_seq_, seen);
@@ -86,19 +95,29 @@ void Pool::worker_main(Worker* w) {
     if (stop_.load(std::memory_order_acquire)) return;
     fn_(ctx_, w->info);
     if (remaining_.fetch_sub(1, std::memory_order_acq_rel) == 1) {
+      uint32_t* flag = done_flag_;
       done_seq_.store(seen);
+      if (flag) __atomic_store_n(flag, 1u, __ATOMIC_RELEASE);  // after done_seq_: a ring that follows finds the pool done
       if (waiter_sleeping_.load()) futex_wake_all(&done_seq_);
     }
   }
 }
 
-void Pool::submit(JobFn fn, void* ctx) {
+void Pool::submit(JobFn fn, void* ctx, uint32_t* done_flag) {
   if (!done()) wait();
   fn_ = fn;
   ctx_ = ctx;
+  done_flag_ = done_flag;
   remaining_.store(total_, std::memory_order_relaxed);
   job_seq_.fetch_add(1);
   if (sleepers_.load() > 0) futex_wake_all(&job_seq_);
+}
+
+void Pool::watch_doorbell(uint32_t* bell, RingFn ring, void* ctx) {
+  bell_.store(nullptr, std::memory_order_release);  // never a new bell with the old ring
+  ring_ctx_ = ctx;
+  ring_.store(ring, std::memory_order_release);
+  bell_.store(bell, std::memory_order_release);
 }
 
 void Pool::wait() {

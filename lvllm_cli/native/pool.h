@@ -49,8 +49,18 @@ class Pool {
   int unpinned() const { return unpinned_.load(); }
 
   // Post a job to every worker and return at once; one job at a time (a
-  // second submit waits for the first to finish).
-  void submit(JobFn fn, void* ctx);
+  // second submit waits for the first to finish).  With `done_flag`, the
+  // last worker also stores 1 there (release) when the job is done: for a
+  // waiter no futex reaches, the GPU polling pinned host memory.
+  void submit(JobFn fn, void* ctx, uint32_t* done_flag = nullptr);
+
+  // A word another device writes (the GPU, with a stream memory operation):
+  // while worker 0 spins between jobs it reads it and calls ring(ctx, value)
+  // whenever it is non-zero (the callee claims it, e.g. by compare-exchange
+  // to 0, and may submit a job from there).  Sleeping workers do not watch:
+  // whoever writes the word needs another way to get the job posted.
+  using RingFn = void (*)(void* ctx, uint32_t value);
+  void watch_doorbell(uint32_t* bell, RingFn ring, void* ctx);
   // Wait for the posted job; spins up to spin_us, then sleeps.
   void wait();
   bool done() const { return done_seq_.load(std::memory_order_acquire) == job_seq_.load(std::memory_order_acquire); }
@@ -94,6 +104,10 @@ class Pool {
   std::atomic<int> unpinned_{0};
   JobFn fn_ = nullptr;
   void* ctx_ = nullptr;
+  uint32_t* done_flag_ = nullptr;
+  std::atomic<uint32_t*> bell_{nullptr};
+  std::atomic<RingFn> ring_{nullptr};
+  void* ring_ctx_ = nullptr;
 };
 
 }  // namespace lk
