@@ -18,6 +18,8 @@
 #   memops          LVLLM_STREAM_SYNC=memops: tiny Qwen3-MoE stock vs plugin, then 30B bf16 decode
 #   memops-int4     LVLLM_STREAM_SYNC=memops: 30B int4 decode
 #   perf-80b-fp8    Qwen3-Next-80B-A3B shapes with fp8 experts on the CPU: decode vs roofline (issue 8)
+#   next-dump       Qwen3-Next: stock vs plugin, and the model + both scored runs copied to $OUT
+#                   (for scripts/fp32_reference_score.py on any CPU machine)
 #
 # Output goes to $OUT with tee, never through grep (a killed pipeline returns nothing).
 set -uo pipefail
@@ -53,6 +55,10 @@ case "${1:-}" in
     LVLLM_STREAM_SYNC=memops LVLLM_RUN_TIMEOUT=270 python3 scripts/gpu_perf_30b.py "$OUT" lvllm_graphs 2>&1 | tee "$OUT/perf-memops.log" ;;
   memops-int4) LVLLM_STREAM_SYNC=memops LVLLM_RUN_TIMEOUT=270 python3 scripts/gpu_perf_30b.py "$OUT" lvllm_int4 2>&1 | tee "$OUT/perf-memops-int4.log" ;;
   perf-80b-fp8) LVLLM_RUN_TIMEOUT=560 python3 scripts/gpu_perf_80b_fp8.py "$OUT" 2>&1 | tee "$OUT/perf-80b-fp8.log" ;;
+  next-dump)
+    LVLLM_RUN_TIMEOUT=280 python3 scripts/gpu_plugin_e2e.py "$OUT" qwen3_next 2>&1 | tee "$OUT/e2e-next.log"
+    mkdir -p "$OUT/next" && cp -r /tmp/lvllm-e2e/qwen3_next "$OUT/next/model" \
+      && cp /tmp/lvllm-e2e/logs/qwen3_next-stock.json /tmp/lvllm-e2e/logs/qwen3_next-cpu_graphs.json "$OUT/next/" ;;
   serve-30b)
     d=/tmp/lvllm-shape-30b
     [ -d "$d" ] || python3 -m lvllm_cli shape qwen3-30b-a3b "$d"
@@ -65,5 +71,5 @@ case "${1:-}" in
     kill -INT -"$(cat /tmp/lvllm-serve30.pid)"
     for i in $(seq 30); do kill -0 "$(cat /tmp/lvllm-serve30.pid)" 2>/dev/null || break; sleep 1; done
     tail -20 "$OUT/serve-30b.log" ;;
-  *) sed -n 2,23p "$0"; exit 2 ;;
+  *) sed -n 2,25p "$0"; exit 2 ;;
 esac
