@@ -45,8 +45,8 @@ def main() -> None:
     def stamp(i: int):
         lk.enqueue_stamp(torch.cuda.current_stream().cuda_stream, slots.data_ptr() + 8 * i)
 
-    def one_layer(i: int, copies: bool, n: int):
-        # submit (stamp 2i) ... wait returns (stamp 2i, as if instant) -> H2D out, GPU work, D2H in -> next submit
+    def gpu_work(copies: bool, n: int):
+        # what the stream does between a layer's wait and the next layer's submit: H2D out, GPU work, D2H in
         if copies:
             y.copy_(hout, non_blocking=True)
         kernels(n)
@@ -54,6 +54,10 @@ def main() -> None:
             hx.copy_(x, non_blocking=True)
             hids.copy_(ids, non_blocking=True)
             hw.copy_(w, non_blocking=True)
+
+    def one_layer(i: int, copies: bool, n: int):
+        # submit (stamp 2i) ... wait returns (stamp 2i, as if instant) -> gpu_work -> next submit
+        gpu_work(copies, n)
         stamp(2 * i + 1)
         if 2 * i + 2 < 2 * LAYERS:
             stamp(2 * i + 2)
@@ -73,13 +77,7 @@ def main() -> None:
         with torch.cuda.stream(stream):
             with torch.cuda.graph(g, stream=stream):
                 for _ in range(LAYERS):
-                    if copies:
-                        y.copy_(hout, non_blocking=True)
-                    kernels(n)
-                    if copies:
-                        hx.copy_(x, non_blocking=True)
-                        hids.copy_(ids, non_blocking=True)
-                        hw.copy_(w, non_blocking=True)
+                    gpu_work(copies, n)
         times = []
         for _ in range(REPLAYS):
             a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
