@@ -14,6 +14,14 @@ double now_s() {
   return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
 }
 
+// Cheap reproducible fill data.
+uint64_t xorshift(uint64_t& s) {
+  s ^= s << 13;
+  s ^= s >> 7;
+  s ^= s << 17;
+  return s;
+}
+
 struct BwCtx {
   Engine* eng;
   std::vector<NodeBuffer> bufs;  // one per group
@@ -30,10 +38,7 @@ void bw_work(void* vctx, size_t b, size_t e, const WorkerInfo& w) {
   uint64_t* p = buf.as<uint64_t>();
   if (c.fill) {
     uint64_t s = 0x9e3779b97f4a7c15ull * (w.gid + 1);
-    for (size_t i = lo; i < hi; ++i) {
-      s ^= s << 13; s ^= s >> 7; s ^= s << 17;
-      p[i] = s;
-    }
+    for (size_t i = lo; i < hi; ++i) p[i] = xorshift(s);
     return;
   }
   uint64_t a0 = 0, a1 = 0, a2 = 0, a3 = 0, a4 = 0, a5 = 0, a6 = 0, a7 = 0;
@@ -92,20 +97,38 @@ std::vector<double> time_layers(const std::vector<MoELayer*>& layers, const Forw
   return ns;
 }
 
+namespace {
+
+// One panel product's operands for n tokens: activations with 32 slack rows
+// (padded AMX tiles read them) in the family's format, and room for y.
+struct KernelOperands {
+  size_t ld;
+  std::vector<char> x;
+  std::vector<float> y;
+  KernelOperands(const KernelSet& ks, int n, size_t ld_) : ld(ld_), x((size_t(n) + 32) * ld_ * dtype_size(ks.act)), y((size_t(n) + 32) * 32) {
+    for (size_t i = 0; i < (size_t(n) + 32) * ld; ++i) store_from_f32(x.data(), i, ks.act, float(int(i % 13) - 6) * 0.1f);
+  }
+};
+
+// ns per call of `call`, after one untimed call (warms the caches it measures in).
+template <class F>
+double ns_per_call(int reps, F&& call) {
+  call();
+  double t0 = now_s();
+  for (int r = 0; r < reps; ++r) call();
+  return (now_s() - t0) * 1e9 / reps;
+}
+
+}  // namespace
+
 double kernel_ns(Isa isa, DType weights, int n, int K, int reps, int ld_pad) {
   const KernelSet* ks = kernel_set(isa, weights);
   if (!ks || !isa_supported(isa)) return -1.0;
-  const size_t ld = size_t(K) + size_t(ld_pad), es = dtype_size(ks->act);
+  KernelOperands o(*ks, n, size_t(K) + size_t(ld_pad));
   std::vector<uint16_t> panel(panel_elems(K));
-  std::vector<char> x((size_t(n) + 32) * ld * es);  // slack rows for padded AMX tiles
-  std::vector<float> y((size_t(n) + 32) * 32);
   uint64_t s = 88172645463325252ull;
-  for (auto& v : panel) { s ^= s << 13; s ^= s >> 7; s ^= s << 17; v = f32_to_bf16(float(int(s % 2001) - 1000) * 1e-4f); }
-  for (size_t i = 0; i < (size_t(n) + 32) * ld; ++i) store_from_f32(x.data(), i, ks->act, float(int(i % 13) - 6) * 0.1f);
-  ks->panel_dot(x.data(), ld, n, panel.data(), K, y.data());
-  double t0 = now_s();
-  for (int r = 0; r < reps; ++r) ks->panel_dot(x.data(), ld, n, panel.data(), K, y.data());
-  return (now_s() - t0) * 1e9 / reps;
+  for (auto& v : panel) v = f32_to_bf16(float(int(xorshift(s) % 2001) - 1000) * 1e-4f);
+  return ns_per_call(reps, [&] { ks->panel_dot(o.x.data(), o.ld, n, panel.data(), K, o.y.data()); });
 }
 
 double qkernel_ns(Isa isa, WKind kind, int n, int K, int G, int reps) {
@@ -113,22 +136,14 @@ double qkernel_ns(Isa isa, WKind kind, int n, int K, int G, int reps) {
   if (!ks || !isa_supported(isa)) return -1.0;
   auto dot = kind == WKind::int4 ? ks->q4_dot : ks->f8_dot;
   if (!dot) return -1.0;
-  const size_t ld = size_t(K) + 32, es = dtype_size(ks->act);
+  KernelOperands o(*ks, n, size_t(K) + 32);
   std::vector<uint8_t> panel(qpanel_bytes(kind, K, G));
   uint64_t s = 88172645463325252ull;
-  for (auto& v : panel) { s ^= s << 13; s ^= s >> 7; s ^= s << 17; v = uint8_t(s); }
-  // Scales: fp16 0.01 (random bits could be inf/nan and slow nothing down, but keep the arithmetic ordinary).
+  // Random codes (fp8: without the NaN codes 0x7f / 0xff); scales fp16 0.01, so the arithmetic stays ordinary.
+  for (size_t i = 0; i < qpanel_data_bytes(kind, K); ++i) panel[i] = uint8_t(xorshift(s)) & (kind == WKind::fp8 ? 0xbf : 0xff);
   uint16_t* sc = reinterpret_cast<uint16_t*>(panel.data() + qpanel_data_bytes(kind, K));
   for (size_t i = 0; i < size_t(K / G) * 32; ++i) sc[i] = 0x211f;
-  if (kind == WKind::fp8)  // no NaN codes (0x7f / 0xff)
-    for (size_t i = 0; i < qpanel_data_bytes(kind, K); ++i) panel[i] &= 0xbf;
-  std::vector<char> x((size_t(n) + 32) * ld * es);
-  std::vector<float> y((size_t(n) + 32) * 32);
-  for (size_t i = 0; i < (size_t(n) + 32) * ld; ++i) store_from_f32(x.data(), i, ks->act, float(int(i % 13) - 6) * 0.1f);
-  dot(x.data(), ld, n, panel.data(), K, G, y.data());
-  double t0 = now_s();
-  for (int r = 0; r < reps; ++r) dot(x.data(), ld, n, panel.data(), K, G, y.data());
-  return (now_s() - t0) * 1e9 / reps;
+  return ns_per_call(reps, [&] { dot(o.x.data(), o.ld, n, panel.data(), K, G, o.y.data()); });
 }
 
 }  // namespace lk

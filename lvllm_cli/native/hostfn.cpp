@@ -17,30 +17,39 @@ using namespace nb::literals;
 namespace lk {
 namespace {
 
-// Written only by CUDA's callback thread (or the stand-in executor's), read by the metrics thread.
-struct TimeSums {
-  std::atomic<uint64_t> calls{0}, gaps{0}, gap_ns{0}, submit_ns{0}, to_wait_ns{0}, wait_ns{0}, done_to_return_ns{0};
-  std::atomic<uint64_t> doorbell_worker{0}, doorbell_backstop{0};
-  std::atomic<int64_t> last_return_ns{0};
-};
-TimeSums g_times;
+// Sums written by CUDA's callback thread (or the stand-in executor's) and
+// worker 0, read by the metrics thread; see hostfn.h.
+enum TimeField { kCalls, kGaps, kGapNs, kSubmitNs, kToWaitNs, kWaitNs, kDoneToReturnNs, kDoorbellWorker, kDoorbellBackstop, kTimeFields };
+constexpr const char* kTimeFieldNames[kTimeFields] = {
+    "calls", "gaps", "gap_ns", "submit_ns", "to_wait_ns", "wait_ns", "done_to_return_ns", "doorbell_worker", "doorbell_backstop"};
+std::atomic<uint64_t> g_sums[kTimeFields];
+std::atomic<int64_t> g_last_return_ns{0};
 constexpr int64_t kIdleGapNs = 50'000'000;
 
-void add(std::atomic<uint64_t>& a, int64_t v) { a.fetch_add(uint64_t(std::max<int64_t>(v, 0)), std::memory_order_relaxed); }
+void add(TimeField f, int64_t v) { g_sums[f].fetch_add(uint64_t(std::max<int64_t>(v, 0)), std::memory_order_relaxed); }
 
 void record(const HostCall& c, int64_t wait_entered, int64_t wait_returned, int64_t engine_done) {
-  const int64_t prev = g_times.last_return_ns.exchange(wait_returned, std::memory_order_relaxed);
+  const int64_t prev = g_last_return_ns.exchange(wait_returned, std::memory_order_relaxed);
   if (c.args.M != 1) return;
-  add(g_times.calls, 1);
+  add(kCalls, 1);
   const int64_t gap = c.submit_entered_ns - prev;
   if (prev > 0 && gap >= 0 && gap < kIdleGapNs) {
-    add(g_times.gaps, 1);
-    add(g_times.gap_ns, gap);
+    add(kGaps, 1);
+    add(kGapNs, gap);
   }
-  add(g_times.submit_ns, c.submit_returned_ns - c.submit_entered_ns);
-  add(g_times.to_wait_ns, wait_entered - c.submit_returned_ns);
-  add(g_times.wait_ns, wait_returned - wait_entered);
-  add(g_times.done_to_return_ns, wait_returned - std::max(engine_done, wait_entered));
+  add(kSubmitNs, c.submit_returned_ns - c.submit_entered_ns);
+  add(kToWaitNs, wait_entered - c.submit_returned_ns);
+  add(kWaitNs, wait_returned - wait_entered);
+  add(kDoneToReturnNs, wait_returned - std::max(engine_done, wait_entered));
+}
+
+// CUDA's callback thread submits and then waits: keep it off the workers' cores (once per thread).
+void place_callback_thread(Engine& engine) {
+  static thread_local bool placed = false;
+  if (!placed) {
+    engine.pool().keep_caller_off_workers();
+    placed = true;
+  }
 }
 
 // Doorbell calls by id (the value the stream writes to the bell).  Ids are
@@ -73,31 +82,10 @@ bool claim_and_submit(HostCall* c) {
 void ring(void*, uint32_t id) {
   HostCall* c = id < kMaxDoorbellCalls ? g_doorbell_calls[id].load(std::memory_order_acquire) : nullptr;
   if (!c || !c->layer->engine().fits_without_growing(*c->layer, c->args.M, c->args.k)) return;
-  if (claim_and_submit(c)) g_times.doorbell_worker.fetch_add(1, std::memory_order_relaxed);
+  if (claim_and_submit(c)) add(kDoorbellWorker, 1);
 }
 
 }  // namespace
-
-HostFnTimes hostfn_times() {
-  HostFnTimes t;
-  t.calls = g_times.calls.load();
-  t.gaps = g_times.gaps.load();
-  t.gap_ns = g_times.gap_ns.load();
-  t.submit_ns = g_times.submit_ns.load();
-  t.to_wait_ns = g_times.to_wait_ns.load();
-  t.wait_ns = g_times.wait_ns.load();
-  t.done_to_return_ns = g_times.done_to_return_ns.load();
-  t.doorbell_worker = g_times.doorbell_worker.load();
-  t.doorbell_backstop = g_times.doorbell_backstop.load();
-  return t;
-}
-
-void reset_hostfn_times() {
-  for (auto* a : {&g_times.calls, &g_times.gaps, &g_times.gap_ns, &g_times.submit_ns, &g_times.to_wait_ns, &g_times.wait_ns,
-                  &g_times.done_to_return_ns, &g_times.doorbell_worker, &g_times.doorbell_backstop})
-    a->store(0);
-  g_times.last_return_ns.store(0);
-}
 
 }  // namespace lk
 
@@ -108,23 +96,14 @@ extern "C" void lk_hostfn_stamp(void* slot) { *static_cast<int64_t*>(slot) = lk:
 // not spinning (asleep after LK_SPIN_US idle) and so did not claim it.
 extern "C" void lk_hostfn_backstop(void* p) {
   lk::HostCall* c = static_cast<lk::HostCall*>(p);
-  static thread_local bool placed = false;
-  if (!placed) {
-    c->layer->engine().pool().keep_caller_off_workers();
-    placed = true;
-  }
-  if (lk::claim_and_submit(c)) lk::g_times.doorbell_backstop.fetch_add(1, std::memory_order_relaxed);
+  lk::place_callback_thread(c->layer->engine());
+  if (lk::claim_and_submit(c)) lk::add(lk::kDoorbellBackstop, 1);
 }
 
 extern "C" void lk_hostfn_submit(void* p) {
   lk::HostCall* c = static_cast<lk::HostCall*>(p);
   c->submit_entered_ns = lk::now_ns();
-  // CUDA's callback thread submits and then waits: keep it off the workers' cores (once per thread).
-  static thread_local bool placed = false;
-  if (!placed) {
-    c->layer->engine().pool().keep_caller_off_workers();
-    placed = true;
-  }
+  lk::place_callback_thread(c->layer->engine());
   c->layer->engine().submit(c->layer, c->args);
   c->submit_returned_ns = lk::now_ns();
 }
@@ -279,14 +258,14 @@ void bind_hostfn(nb::module_& m) {
         "slot"_a, "cuLaunchHostFunc(stream, write now_ns() to the int64 at `slot`): host-function latency benchmarks.");
   m.def("now_ns", &now_ns, "The steady clock the host functions stamp with (ns).");
   m.def("hostfn_times", []() {
-    const HostFnTimes t = hostfn_times();
     nb::dict d;
-    d["calls"] = t.calls; d["gaps"] = t.gaps; d["gap_ns"] = t.gap_ns; d["submit_ns"] = t.submit_ns;
-    d["to_wait_ns"] = t.to_wait_ns; d["wait_ns"] = t.wait_ns; d["done_to_return_ns"] = t.done_to_return_ns;
-    d["doorbell_worker"] = t.doorbell_worker; d["doorbell_backstop"] = t.doorbell_backstop;
+    for (int f = 0; f < kTimeFields; ++f) d[kTimeFieldNames[f]] = g_sums[f].load();
     return d;
   }, "Sums over one-token host calls of this process: where a CPU layer's time goes as the stream sees it (see hostfn.h).");
-  m.def("reset_hostfn_times", &reset_hostfn_times);
+  m.def("reset_hostfn_times", []() {
+    for (auto& v : g_sums) v.store(0);
+    g_last_return_ns.store(0);
+  });
   m.def("cuda_driver_problem", []() { return driver().problem; }, "Empty when the CUDA driver could be opened.");
 }
 

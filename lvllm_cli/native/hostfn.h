@@ -20,7 +20,7 @@ struct HostCall {
   // Eager calls are freed by lk_hostfn_wait; calls captured in a graph live
   // until free_host_call (the graph replays them).
   bool owned_by_stream = false;
-  int64_t submit_entered_ns = 0, submit_returned_ns = 0;  // this call's last run, for HostFnTimes
+  int64_t submit_entered_ns = 0, submit_returned_ns = 0;  // this call's last run, for the timing sums
   // Doorbell calls (graph-captured, LVLLM_STREAM_SYNC=memops): the stream
   // writes `id` to *bell, the engine's spinning worker 0 (or the backstop
   // host function, whichever claims the bell first) submits the job, and the
@@ -31,22 +31,15 @@ struct HostCall {
 };
 
 // Where a CPU layer's time goes as the stream sees it, summed over calls of
-// one token (batch-1 decode, the case the roofline target is about).  Per
-// call: `gap` = the previous call's wait returning -> this submit starting
-// (the GPU's work between two CPU layers plus the copies and the callback
-// thread's dispatch latency; gaps over 50 ms, idle server, are not summed),
-// `submit` = inside the submit host function, `to_wait` = submit returned ->
-// the stream's wait host function starting, `wait` = inside the wait,
-// `done_to_return` = the engine finishing (or the wait starting, if later)
-// -> the wait returning.
-struct HostFnTimes {
-  uint64_t calls = 0, gaps = 0, gap_ns = 0, submit_ns = 0, to_wait_ns = 0, wait_ns = 0, done_to_return_ns = 0;
-  // Doorbell calls (any token count): posted by the spinning worker 0 / by the backstop host function.
-  uint64_t doorbell_worker = 0, doorbell_backstop = 0;
-};
-HostFnTimes hostfn_times();
-void reset_hostfn_times();
-
+// one token (batch-1 decode, the case the roofline target is about); the
+// Python side reads them as `hostfn_times()`.  Per call: `gap` = the previous
+// call's wait returning -> this submit starting (the GPU's work between two
+// CPU layers plus the copies and the callback thread's dispatch latency; gaps
+// over 50 ms, idle server, are not summed), `submit` = inside the submit host
+// function, `to_wait` = submit returned -> the stream's wait host function
+// starting, `wait` = inside the wait, `done_to_return` = the engine finishing
+// (or the wait starting, if later) -> the wait returning.  Doorbell calls (any
+// token count) count who posted them: the spinning worker 0 or the backstop.
 void bind_hostfn(nanobind::module_& m);
 
 }  // namespace lk

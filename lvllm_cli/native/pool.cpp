@@ -1,12 +1,12 @@
 #include "pool.h"
 
+#include "common.h"
+
 #include <linux/futex.h>
 #include <pthread.h>
 #include <sched.h>
 #include <sys/syscall.h>
 #include <unistd.h>
-
-#include <chrono>
 
 #if defined(LK_X86)
 #include <immintrin.h>
@@ -23,9 +23,6 @@ void futex_wait(std::atomic<uint32_t>* addr, uint32_t expected) {
 }
 void futex_wake_all(std::atomic<uint32_t>* addr) {
   syscall(SYS_futex, reinterpret_cast<uint32_t*>(addr), FUTEX_WAKE_PRIVATE, 0x7fffffff, nullptr, nullptr, 0);
-}
-inline int64_t now_ns() {
-  return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch()).count();
 }
 }  // namespace
 
@@ -76,12 +73,9 @@ void Pool::worker_main(Worker* w) {
       while ((seq = job_seq_.load(std::memory_order_acquire)) == seen) {
         LK_PAUSE();
         if (doorman) {
-          uint32_t* bell = bell_.load(std::memory_order_acquire);
-          if (bell && __atomic_load_n(bell, __ATOMIC_ACQUIRE) != 0) {
-            RingFn ring = ring_.load(std::memory_order_acquire);
-            const uint32_t v = __atomic_load_n(bell, __ATOMIC_ACQUIRE);
-            if (ring && v) ring(ring_ctx_, v);
-          }
+          const uint32_t* bell = bell_.load(std::memory_order_acquire);
+          const uint32_t v = bell ? __atomic_load_n(bell, __ATOMIC_ACQUIRE) : 0;
+          if (v) ring_.load(std::memory_order_acquire)(ring_ctx_, v);
         }
         if ((++n & 255) == 0 && now_ns() > deadline) {
           sleepers_.fetch_add(1);  // seq_cst: pairs with submit()'s increment/read
