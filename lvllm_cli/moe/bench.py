@@ -117,7 +117,7 @@ def bench_moe(
     import psutil
     import torch
 
-    from lvllm_cli.moe import MoELayer, get_engine
+    from lvllm_cli.moe import get_engine
     from lvllm_cli.moe import native
 
     lk = native.load()
@@ -233,6 +233,13 @@ def _time_engine(lk, engine, name, dtype, cases, torch_us, bandwidth, l3_bytes, 
     return rows
 
 
+def _fill_random(layers: list, hidden: int) -> list:
+    """Random experts in every layer (uniform, scaled like an initialised linear layer), each its own seed."""
+    for i, layer in enumerate(layers):
+        layer.fill_random(seed=i + 1, scale=1.0 / math.sqrt(hidden))
+    return layers
+
+
 def _time_tokens(lk, layers, tokens: int, hidden: int, experts: int, topk: int, seconds: float, seed: int = 0) -> float:
     """Median microseconds per layer call with `tokens` rows, cycling over `layers` for about `seconds`."""
     import torch
@@ -252,18 +259,13 @@ def bench_moe_decode(hidden: int, inter: int, experts: int, topk: int, threads: 
     import psutil
 
     from lvllm_cli.moe import MoELayer, get_engine, native
+    from lvllm_cli.probe import probe
 
     lk = native.load()
     engine = get_engine(threads=threads, cpus=cpus)
     layer_bytes = experts * expert_bytes(hidden, inter)
-    from lvllm_cli.probe import probe
-
     nl = layers_for(layer_bytes, probe(use_nvml=False).cpu.l3_bytes or (32 << 20), psutil.virtual_memory().available)
-    layers = []
-    for i in range(nl):
-        layer = MoELayer.empty(experts, hidden, inter, "bfloat16", engine=engine)
-        layer.fill_random(seed=i + 1, scale=1.0 / math.sqrt(hidden))
-        layers.append(layer)
+    layers = _fill_random([MoELayer.empty(experts, hidden, inter, "bfloat16", engine=engine) for _ in range(nl)], hidden)
     return _time_tokens(lk, layers, 1, hidden, experts, topk, seconds)
 
 
@@ -317,9 +319,8 @@ def bench_moe_format(
     free_bytes = psutil.virtual_memory().available if free_bytes is None else free_bytes
     first = MoELayer.empty(experts, hidden, inter, dtype, group_size=group, engine=engine)
     nl = layers_over_cache(first.packed_bytes, l3_bytes, free_bytes)
-    layers = [first] + [MoELayer.empty(experts, hidden, inter, dtype, group_size=group, engine=engine) for _ in range(nl - 1)]
-    for i, layer in enumerate(layers):
-        layer.fill_random(seed=i + 1, scale=1.0 / math.sqrt(hidden))
+    more = [MoELayer.empty(experts, hidden, inter, dtype, group_size=group, engine=engine) for _ in range(nl - 1)]
+    layers = _fill_random([first, *more], hidden)
     return {
         "dtype": dtype,
         "group": group,

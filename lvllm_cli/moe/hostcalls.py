@@ -233,14 +233,15 @@ class HostCallRunner:
         self.staging = staging
         self.sync = sync
         self._lk = native.load()
-        self._persistent: dict[tuple[int, int], int] = {}
+        self._persistent: dict[tuple[int, int], tuple[int, int, Any]] = {}
         self.calls_enqueued = 0
         self._bell_dev = self._done_dev = None
         if sync == "memops":
             self._bell_dev = ops.device_address(staging.bell_address)
             self._done_dev = ops.device_address(staging.done_address)
 
-    def _call(self, layer: Any, tokens: int) -> int:
+    def _call(self, layer: Any, tokens: int) -> tuple[int, int]:
+        """(call descriptor, doorbell id: 0 for a call run by the two host functions)."""
         st = self.staging
         args = (
             layer.native,
@@ -250,15 +251,14 @@ class HostCallRunner:
             st.out.data_ptr(), engine_dtype(st.dtype),
         )
         if not self.ops.capturing():
-            return self._lk.make_host_call(*args, True)
+            return self._lk.make_host_call(*args, True), 0
         key = (id(layer.native), tokens)
-        call = self._persistent.get(key)
-        if call is None:
+        kept = self._persistent.get(key)
+        if kept is None:
             doorbell = (st.bell_address, st.done_address) if self.sync == "memops" else (0, 0)
             call = self._lk.make_host_call(*args, False, *doorbell)
-            self._persistent[key] = (call, layer)  # keep the layer alive as long as the call
-            return call
-        return call[0]
+            kept = self._persistent[key] = (call, self._lk.host_call_id(call), layer)  # the layer lives as long as the call
+        return kept[0], kept[1]
 
     def run(self, layer: Any, x: Any, topk_ids: Any, topk_weights: Any) -> Any:
         """Enqueue the layer for x [T, H] and return the (stream-ordered) output [T, H]."""
@@ -276,8 +276,7 @@ class HostCallRunner:
             self.ops.copy(st.x[:n], x[s:e])
             self.ops.copy(st.ids[:n], topk_ids[s:e])
             self.ops.copy(st.weights[:n], topk_weights[s:e])
-            call = self._call(layer, n)
-            call_id = self._lk.host_call_id(call)
+            call, call_id = self._call(layer, n)
             if call_id:
                 self.ops.write_value(self._done_dev, 0)
                 self.ops.write_value(self._bell_dev, call_id)
@@ -292,9 +291,9 @@ class HostCallRunner:
 
     def close(self) -> None:
         """Free the captured calls (only once no graph that uses them can replay)."""
-        engines = {id(layer.engine): layer.engine for _call, layer in self._persistent.values()}
+        engines = {id(layer.engine): layer.engine for _call, _id, layer in self._persistent.values()}
         for engine in engines.values():
             self._lk.stop_doorbell(engine)
-        for call, _layer in self._persistent.values():
+        for call, _id, _layer in self._persistent.values():
             self._lk.free_host_call(call)
         self._persistent.clear()

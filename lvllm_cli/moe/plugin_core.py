@@ -28,6 +28,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from lvllm_cli.moe import native, timing
 from lvllm_cli.ranges import parse_cpulist, parse_layer_ranges, parse_rank_lists
 
 log = logging.getLogger("lvllm")
@@ -245,8 +246,6 @@ class MetricsExporter(threading.Thread):
     def write_once(self) -> None:
         self._em.write_metrics_file(self.directory, self.snapshot_text())
         if self.timing_file:
-            from lvllm_cli.moe import native, timing
-
             times = native.load().hostfn_times()
             timing.write_snapshot(self.timing_file, timing.snapshot(self.experts.engine.stats(), times))
 
