@@ -195,12 +195,16 @@ def test_dummy_quantized_layer_is_filled(experts):
     assert layer.complete and 0 < out.abs().max().item() < 1e-3
 
 
+def _load_without_up_piece(experts, method, suffix, E, H, I, seed):
+    """Load a whole layer except expert 1's up-projection tensor `suffix` (e.g. w13_qzeros)."""
+    items, _, _ = checkpoint_layer(method, E, H, I, seed=seed)
+    kept = [it for it in items if not (it[0].endswith(suffix) and it[1] == "w3" and it[2] == 1)]
+    load_rank(experts, method, kept, E, H, I, 0, 1)
+
+
 def test_codes_without_scales_are_named(experts):
-    E, H, I = 3, 128, 128
-    items, _, _ = checkpoint_layer(FP8_BLOCK, E, H, I, seed=1)
-    kept = [it for it in items if not (it[0].endswith("w13_weight_scale_inv") and it[1] == "w3" and it[2] == 1)]
     with pytest.raises(RuntimeError, match=r"codes without scales.*expert 1 up has codes only"):
-        load_rank(experts, FP8_BLOCK, kept, E, H, I, 0, 1)
+        _load_without_up_piece(experts, FP8_BLOCK, "w13_weight_scale_inv", 3, 128, 128, seed=1)
 
 
 def test_wrong_shapes_name_the_projection(experts):
@@ -418,11 +422,8 @@ def test_act_order_g_idx_is_refused(experts, part):
 
 @pytest.mark.parametrize("method", [GPTQ_G32, AWQ_G32], ids=method_id)
 def test_missing_zero_points_are_reported(experts, method):
-    E, H, I = 3, 128, 64
-    items, _, _ = checkpoint_layer(method, E, H, I, seed=2)
-    kept = [it for it in items if not (it[0].endswith("w13_qzeros") and it[1] == "w3" and it[2] == 1)]
     with pytest.raises(RuntimeError, match=r"no zero points.*expert 1 up has codes/scales only, lacks zeros"):
-        load_rank(experts, method, kept, E, H, I, 0, 1)
+        _load_without_up_piece(experts, method, "w13_qzeros", 3, 128, 64, seed=2)
 
 
 def test_wrong_gptq_awq_shapes_name_the_tensor(experts):

@@ -129,10 +129,7 @@ def _int4_group(group: Any, layer_name: str, fmt: str) -> int:
 
 
 def _compressed_tensors_int4_scheme(method: Any, layer_name: str, name: str) -> QuantScheme:
-    bits = int(getattr(method, "num_bits", 0))
-    if bits != 4:
-        raise UnsupportedQuantization(
-            f"{layer_name}: {bits}-bit integer experts ({name}); lk_moe runs 4-bit symmetric integer and fp8 experts")
+    _four_bits(getattr(method, "num_bits", 0), layer_name, name)
     if not getattr(method, "symmetric", False):
         raise UnsupportedQuantization(
             f"{layer_name}: asymmetric int4 experts (zero points, {name}); lk_moe runs symmetric int4 only: use a "
