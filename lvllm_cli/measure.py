@@ -26,22 +26,22 @@ BenchFn = Callable[[int, int, int, int, int, "list[int] | None", float], float]
 FormatBenchFn = Callable[[int, int, int, int, str, int, int, "list[int] | None", float, int], dict]
 
 
-def load_bench() -> BenchFn | None:
-    """The engine's decode benchmark, or None when this build has no engine module."""
+def _engine_bench(name: str):
     try:
-        from lvllm_cli.moe.bench import bench_moe_decode
+        from lvllm_cli.moe import bench
     except ImportError:
         return None
-    return bench_moe_decode
+    return getattr(bench, name)
+
+
+def load_bench() -> BenchFn | None:
+    """The engine's decode benchmark, or None when this build has no engine module."""
+    return _engine_bench("bench_moe_decode")
 
 
 def load_format_bench() -> FormatBenchFn | None:
     """The engine's per-format benchmark, or None when this build has no engine module."""
-    try:
-        from lvllm_cli.moe.bench import bench_moe_format
-    except ImportError:
-        return None
-    return bench_moe_format
+    return _engine_bench("bench_moe_format")
 
 
 def engine_format(quant: Quant) -> tuple[str, int]:

@@ -179,10 +179,11 @@ class ModelFacts:
     def dtype_bytes(self) -> int:
         return _DTYPE_BYTES.get(self.dtype, 2)
 
-    def expert_bytes_per_layer(self) -> int:
-        """Routed experts of one MoE layer: E x (gate [I,H] + up [I,H] + down [H,I])."""
+    def expert_bytes_per_layer(self, widened_to_bf16: bool = False) -> int:
+        """Routed experts of one MoE layer: E x (gate [I,H] + up [I,H] + down [H,I]); widened_to_bf16:
+        as the CPU holds them with LVLLM_EXPERTS_BF16=1 (2 bytes per weight, no scales)."""
         h, i = self.hidden_size, self.moe_intermediate_size
-        q, d = self.quant, self.dtype_bytes
+        q, d = (Quant(), 2) if widened_to_bf16 else (self.quant, self.dtype_bytes)
         return self.num_experts * (2 * q.matrix_bytes(i, h, d) + q.matrix_bytes(h, i, d))
 
     def total_expert_bytes(self) -> int:

@@ -471,11 +471,6 @@ def _effective_utilization(gpus: list[GpuInfo], util: float, explicit: bool, why
 # ---- the plan ------------------------------------------------------------------------------------
 
 
-def bf16_expert_bytes_per_layer(facts: ModelFacts) -> int:
-    """Routed experts of one MoE layer widened to bf16 (2 bytes per weight, no scales)."""
-    return facts.num_experts * 3 * facts.hidden_size * facts.moe_intermediate_size * 2
-
-
 def build_plan(
     machine: Machine,
     target: Target,
@@ -644,7 +639,7 @@ def build_plan(
         requested_by=req.experts_format_by,
         cpu_layers=len(cpu_layers),
         quantized_bytes_per_layer=per_layer_total,
-        bf16_bytes_per_layer=bf16_expert_bytes_per_layer(facts),
+        bf16_bytes_per_layer=facts.expert_bytes_per_layer(widened_to_bf16=True),
         ram_overhead_bytes=overhead,
         ram_available_bytes=available,
         prompt_ratio=req.prompt_ratio,
