@@ -134,16 +134,9 @@ def _fp8_routed_experts_only(base: str) -> dict:
                  else ["linear_attn.in_proj_qkvz", "linear_attn.in_proj_ba", "linear_attn.out_proj", "linear_attn.conv1d"])
         names += [f"{pre}.{m}" for m in mixer]
         names += [f"{pre}.mlp.shared_expert.{p}" for p in ("gate_proj", "up_proj", "down_proj")]
-    qc = {**quantization_config_fp8(), "modules_to_not_convert": names}
-    return {**shape, "quantization_config": qc}
-
-
-def quantization_config_fp8() -> dict:
     from lvllm_cli.tiny_quantized import quantization_config
 
-    qc = quantization_config("fp8", 0)
-    qc.pop("modules_to_not_convert")
-    return qc
+    return {**shape, "quantization_config": {**quantization_config("fp8", 0), "modules_to_not_convert": names}}
 
 
 SHAPES["qwen3-next-80b-a3b-fp8"] = _fp8_routed_experts_only("qwen3-next-80b-a3b")

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_perf_30b import gib_loaded  # noqa: E402
 from gpu_plugin_e2e import vllm_run  # noqa: E402
 
 LAYERS, TOPK, H, I = 48, 10, 2048, 512
@@ -50,11 +51,8 @@ def main() -> None:
         report["error"] = r["error"]
         print("FAILED", r["log_tail"][-3000:], flush=True)
     else:
-        import re
-
-        loaded = re.findall(r"Model loading took ([0-9.]+) GiB", log.read_text())
         b1 = r["bench"][0]["tokens_per_s"]
-        report.update({"load_s": r["load_s"], "gpu_weights_gib": float(loaded[-1]) if loaded else None,
+        report.update({"load_s": r["load_s"], "gpu_weights_gib": gib_loaded(log),
                        "bench": r["bench"], "batch1_pct_of_roofline": round(100 * b1 / report["roofline_tokens_per_s"], 1)})
     (out / "perf80b-fp8.json").write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))

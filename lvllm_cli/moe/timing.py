@@ -56,16 +56,17 @@ def per_token_ms(before: Mapping[str, Any], after: Mapping[str, Any], cpu_layers
     if calls <= 0:
         raise ValueError("no one-token CPU layer calls between the two snapshots")
     tokens = calls / cpu_layers
+
+    def ms_per_token(a: Mapping[str, Any], b: Mapping[str, Any], key: str) -> float:
+        return round((b[key] - a[key]) / 1e6 / tokens, 3)
+
     out = {"tokens": round(tokens, 2), "calls": calls}
     for f in HOSTFN_FIELDS:
-        out[f[:-3] + "_ms"] = round((h1[f] - h0[f]) / 1e6 / tokens, 3)
+        out[f.removesuffix("_ns") + "_ms"] = ms_per_token(h0, h1, f)
     e0, e1 = before["engine"], after["engine"]
-    engine_calls = e1["calls"] - e0["calls"]
-    per_tok = 1e6 * tokens
-    out["engine_ms"] = round((e1["busy_ns"] - e0["busy_ns"]) / per_tok, 3)
-    p0, p1 = e0["phase_ns"], e1["phase_ns"]
+    out["engine_ms"] = ms_per_token(e0, e1, "busy_ns")
     for f in ("wake_first", "wake_last"):
-        out[f + "_ms"] = round((p1[f] - p0[f]) / per_tok, 3)
-    out["engine_calls"] = engine_calls
-    out["stream_ms"] = round(sum(out[f[:-3] + "_ms"] for f in ("gap_ns", "submit_ns", "to_wait_ns", "wait_ns")), 3)
+        out[f + "_ms"] = ms_per_token(e0["phase_ns"], e1["phase_ns"], f)
+    out["engine_calls"] = e1["calls"] - e0["calls"]
+    out["stream_ms"] = round(sum(out[f] for f in ("gap_ms", "submit_ms", "to_wait_ms", "wait_ms")), 3)
     return out
