@@ -1,7 +1,7 @@
 """Qwen3-30B-A3B shapes (--load-format dummy): decode tokens/s of vLLM + lvllm vs stock vLLM's CPU offload.
 
     python scripts/gpu_perf_30b.py OUTDIR [variants...]
-      variants: lvllm_graphs lvllm_eager stock_offload lvllm_int4 lvllm_fp8
+      variants: lvllm_graphs lvllm_eager stock_offload lvllm_int4 lvllm_fp8 lvllm_int4_bf16act
                 (default: the first three; int4/fp8 serve the qwen3-30b-a3b-int4 /
                  -fp8 shapes: compressed-tensors int4 group 32, fp8 128x128 blocks)
 
@@ -65,6 +65,9 @@ def main() -> None:
                                      "--extra-json", json.dumps({"cpu_offload_gb": 58, "cpu_offload_params": ["experts"]})]),
         "lvllm_int4": (f"{base}-int4", cpu, ["--load-format", "dummy", "--bench", "--max-tokens", "64"]),
         "lvllm_fp8": (f"{base}-fp8", cpu, ["--load-format", "dummy", "--bench", "--max-tokens", "64"]),
+        # The int4 kernel before int8 activations, for the same-run comparison.
+        "lvllm_int4_bf16act": (f"{base}-int4", {**cpu, "LVLLM_INT4_ACTIVATIONS": "bf16"},
+                               ["--load-format", "dummy", "--bench", "--max-tokens", "64"]),
     }
     for name in variants:
         shape, env, args = runs[name]
@@ -97,10 +100,13 @@ def main() -> None:
         a = report["lvllm_graphs"]["bench"][0]["tokens_per_s"]
         b = report["stock_offload"]["bench"][0]["tokens_per_s"]
         report["batch1_vs_stock_offload"] = round(a / b, 2)
-    for q in ("lvllm_int4", "lvllm_fp8"):
+    for q in ("lvllm_int4", "lvllm_fp8", "lvllm_int4_bf16act"):
         if "bench" in report.get(q, {}) and "bench" in report.get("lvllm_graphs", {}):
             report[f"{q}_vs_bf16_batch1"] = round(report[q]["bench"][0]["tokens_per_s"]
                                                   / report["lvllm_graphs"]["bench"][0]["tokens_per_s"], 2)
+    if "bench" in report.get("lvllm_int4", {}) and "bench" in report.get("lvllm_int4_bf16act", {}):
+        report["int4_int8act_vs_bf16act_batch1"] = round(report["lvllm_int4"]["bench"][0]["tokens_per_s"]
+                                                         / report["lvllm_int4_bf16act"]["bench"][0]["tokens_per_s"], 2)
     (out / f"perf30b-{'-'.join(variants)}.json").write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))
 

@@ -107,6 +107,8 @@ def main() -> None:
         known = {
             "cpu_graphs": (cpu, []),
             "cpu_eager": (cpu, ["--eager"]),
+            # int4 experts on bf16 activations (the default is int8 where the CPU has VNNI).
+            "cpu_graphs_bf16act": ({**cpu, "LVLLM_INT4_ACTIVATIONS": "bf16"}, []),
             "cpu_layer1_gpu_layer0": ({**cpu, "LVLLM_GPU_LAYERS": "0"}, []),
             # The plugin installed but every layer's experts on the GPU (vLLM's kernels): isolates the CPU engine.
             "plugin_all_gpu": ({**cpu, "LVLLM_GPU_LAYERS": f"0-{layers - 1}"}, []),

@@ -23,10 +23,12 @@ print("quantized decode kernels: GB/s per core of panel bytes (codes + fp16 scal
 for isa in ("avx2", "avx512", "avx512_bf16"):
     if not lk.isa_supported(isa):
         continue
-    for kind, G in (("int4", 32), ("int4", 128), ("fp8", 128)):
-        panel = K * 32 * (0.5 if kind == "int4" else 1) + K // G * 32 * 2
+    for kind, G in (("int4", 32), ("int4", 128), ("int4_int8", 32), ("int4_int8", 128), ("fp8", 128)):
+        if lk.qkernel_ns(isa, kind, 1, K, G, 1) < 0:
+            continue  # int4_int8: the family has no int8 dot product
+        panel = K * 32 * (0.5 if kind.startswith("int4") else 1) + K // G * 32 * 2
         cells = []
         for n in (1, 2, 4):
             ns = lk.qkernel_ns(isa, kind, n, K, G, 2000)
             cells.append(f"n={n} {ns:8.0f} ns {panel / ns:6.2f} GB/s")
-        print(f"{isa:12} {kind} G={G:<4} " + " | ".join(cells))
+        print(f"{isa:12} {kind:9} G={G:<4} " + " | ".join(cells))

@@ -10,8 +10,29 @@ import numpy as np
 import torch
 
 
-def reference_moe(x, w13, w2, topk_ids, topk_weights):
-    """out[m] = sum_j w[m,j] * w2[e] @ (silu(gate_e @ x[m]) * (up_e @ x[m])), all in float64."""
+def bf16_round(v):
+    return torch.from_numpy(np.asarray(v, dtype=np.float32)).to(torch.bfloat16).double().numpy()
+
+
+def int8_blocks(v, block=16):
+    """Symmetric int8 with one scale per `block` values along the last axis (zero-padded), the
+    rounding the engine's int8-activation kernels apply: scale = max|v| / 127, codes rounded to
+    nearest even; returns the values the codes stand for."""
+    v = np.asarray(v, dtype=np.float64)
+    n = v.shape[-1]
+    padded = np.zeros(v.shape[:-1] + (-(-n // block) * block,))
+    padded[..., :n] = v
+    b = padded.reshape(v.shape[:-1] + (-1, block)).astype(np.float32)
+    amax = np.abs(b).max(axis=-1, keepdims=True)
+    inv = np.where(amax > 0, np.float32(127) / np.where(amax > 0, amax, 1), np.float32(0)).astype(np.float32)
+    codes = np.clip(np.rint(b * inv), -128, 127)
+    return (codes * (amax / np.float32(127)).astype(np.float64)).reshape(padded.shape)[..., :n]
+
+
+def reference_moe(x, w13, w2, topk_ids, topk_weights, *, int8_below=0):
+    """out[m] = sum_j w[m,j] * w2[e] @ (silu(gate_e @ x[m]) * (up_e @ x[m])), all in float64.
+    int8_below: experts routed fewer tokens than this see x (as bf16, the format those kernels
+    read) and h rounded by int8_blocks first."""
     x = np.asarray(x, dtype=np.float64)
     w13 = np.asarray(w13, dtype=np.float64)
     w2 = np.asarray(w2, dtype=np.float64)
@@ -22,11 +43,25 @@ def reference_moe(x, w13, w2, topk_ids, topk_weights):
     out = np.zeros((M, H))
     for e in np.unique(ids):
         rows, slots = np.nonzero(ids == e)
-        gu = x[rows] @ w13[e].T
+        q8 = len(rows) < int8_below
+        gu = (int8_blocks(bf16_round(x[rows])) if q8 else x[rows]) @ w13[e].T
         g, u = gu[:, :I], gu[:, I:]
         h = g / (1.0 + np.exp(-g)) * u
-        np.add.at(out, rows, (h @ w2[e].T) * tw[rows, slots][:, None])
+        np.add.at(out, rows, ((int8_blocks(h) if q8 else h) @ w2[e].T) * tw[rows, slots][:, None])
     return out
+
+
+# Experts routed at least this many tokens dequantize the panel and run on bf16 activations (engine.cpp).
+DEQUANT_ROWS = 32
+
+
+def layer_reference(layer, x, w13, w2, topk_ids, topk_weights):
+    """The float64 reference a quantized layer must match and the tolerance of rel_err: int8
+    activations are emulated where the layer runs on them (int4 with VNNI), so a loading or
+    packing error shows at the same 0.5-1 % scale either way."""
+    if layer.int8_activations:
+        return reference_moe(x, w13, w2, topk_ids, topk_weights, int8_below=DEQUANT_ROWS), 5e-3
+    return reference_moe(x, w13, w2, topk_ids, topk_weights), 1e-2
 
 
 def random_problem(M, k, E, H, I, *, seed, wdtype=torch.bfloat16, xdtype=torch.bfloat16):

@@ -52,7 +52,11 @@ def test_kernel_microbench_entry_points_time_and_refuse_bad_shapes():
     assert lk.kernel_ns("scalar", "bfloat16", 1, 64, 2) > 0
     for kind in ("int4", "fp8"):
         assert lk.qkernel_ns("scalar", kind, 2, 128, 64, 2) > 0
-    with pytest.raises(ValueError, match="kind must be int4 or fp8"):
+    # int4 on int8 activations exists only where the family has an int8 dot product (VNNI).
+    assert lk.qkernel_ns("scalar", "int4_int8", 1, 128, 32, 2) == -1
+    if lk.isa_supported("avx512_bf16"):
+        assert lk.qkernel_ns("avx512_bf16", "int4_int8", 3, 128, 32, 2) > 0
+    with pytest.raises(ValueError, match="kind must be int4, int4_int8 or fp8"):
         lk.qkernel_ns("scalar", "int8", 1, 128, 32)
     with pytest.raises(ValueError, match="G dividing K"):
         lk.qkernel_ns("scalar", "int4", 1, 128, 96)

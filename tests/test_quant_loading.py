@@ -18,12 +18,13 @@ import numpy as np
 import pytest
 import torch
 
+from lvllm_cli import _lk_moe as lk
 from lvllm_cli.moe import plugin_core
 from lvllm_cli.moe import quant_loading as ql
 from lvllm_cli.moe.placement import Group
 from lvllm_cli.moe.quant_formats import UnsupportedQuantization
 from moe_reference import (e4m3_ref, pack_awq, pack_awq_zeros, pack_gptq, pack_gptq_zeros, pack_nibbles_ct,
-                           reference_moe, rel_err)
+                           layer_reference, reference_moe, rel_err)
 
 LAYER = "model.layers.5.mlp.experts"
 
@@ -184,8 +185,8 @@ def test_ranks_sum_to_the_dequantized_reference(experts, method, tp_size):
         layer = load_rank(experts, method, items, E, H, I, rank, tp_size)
         assert layer.complete and layer.weight_format in ("int4", "fp8_e4m3")
         total += layer.forward(x, ids, tw).double().numpy()
-    ref = reference_moe(x.double().numpy(), w13, w2, ids.numpy(), tw.numpy())
-    assert rel_err(total, ref) <= 1e-2  # activations run in bf16, as in test_quant.py
+    ref, tol = layer_reference(layer, x.double().numpy(), w13, w2, ids.numpy(), tw.numpy())
+    assert rel_err(total, ref) <= tol
 
 
 def test_dummy_quantized_layer_is_filled(experts):
@@ -299,6 +300,19 @@ def test_bad_widen_setting_is_named(tmp_path):
     experts = plugin_core.CpuExperts({"LVLLM_METRICS_DIR": str(tmp_path), "LVLLM_EXPERTS_BF16": "yes"},
                                      rank=0, world=1, max_tokens=4)
     with pytest.raises(ValueError, match=r"LVLLM_EXPERTS_BF16='yes': use 1"):
+        experts.new_layer(LAYER, 2, 128, 64, "", scheme=ql.scheme_for(INT4_G32, LAYER))
+
+
+def test_int4_activations_setting(monkeypatch, tmp_path):
+    monkeypatch.setattr("lvllm_cli.moe.layer.default_groups", lambda: [Group(-1, (-1,))])
+    vnni = lk.isa_supported("avx512_bf16")
+    for value, int8 in (("", vnni), ("int8", vnni), ("bf16", False)):
+        experts = plugin_core.CpuExperts({"LVLLM_METRICS_DIR": str(tmp_path), "LVLLM_INT4_ACTIVATIONS": value},
+                                         rank=0, world=1, max_tokens=4)
+        assert experts.new_layer(LAYER, 2, 128, 64, "", scheme=ql.scheme_for(INT4_G32, LAYER)).int8_activations == int8
+    experts = plugin_core.CpuExperts({"LVLLM_METRICS_DIR": str(tmp_path), "LVLLM_INT4_ACTIVATIONS": "int4"},
+                                     rank=0, world=1, max_tokens=4)
+    with pytest.raises(ValueError, match=r"LVLLM_INT4_ACTIVATIONS='int4': use int8 \(the default\) or bf16"):
         experts.new_layer(LAYER, 2, 128, 64, "", scheme=ql.scheme_for(INT4_G32, LAYER))
 
 

@@ -17,7 +17,7 @@ from lvllm_cli.moe import plugin_core
 from lvllm_cli.moe import quant_loading as ql
 from lvllm_cli.moe.placement import Group
 from lvllm_cli.tiny_quantized import quantization_config, quantize_experts
-from moe_reference import e4m3_ref, reference_moe, rel_err
+from moe_reference import e4m3_ref, layer_reference, rel_err
 
 E, H, I = 4, 256, 128
 
@@ -198,7 +198,8 @@ def test_the_plugin_reads_what_the_writer_wrote(tmp_path, monkeypatch, fmt, meth
     ids = torch.tensor([[0, 1], [1, 2], [2, 3], [3, 0], [1, 3]], dtype=torch.int32)
     tw = torch.rand(5, 2)
     out = layer.forward(x, ids, tw).double().numpy()
-    assert rel_err(out, reference_moe(x.double().numpy(), w13, w2, ids.numpy(), tw.numpy())) <= 1e-2
+    ref, tol = layer_reference(layer, x.double().numpy(), w13, w2, ids.numpy(), tw.numpy())
+    assert rel_err(out, ref) <= tol
 
 
 def test_unknown_format_and_empty_checkpoint_are_refused(tmp_path):

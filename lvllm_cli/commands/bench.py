@@ -20,7 +20,8 @@ def moe(
     threads: Optional[int] = typer.Option(None, "--threads", "-t", help="Worker threads (default: one per physical core, or LK_THREADS)."),
     virtual_nodes: Optional[int] = typer.Option(None, "--virtual-nodes", help="Split the workers into N groups as if they were NUMA nodes."),
     passes: int = typer.Option(3, "--passes", help="Timed passes over all layers."),
-    dtype: List[str] = typer.Option(["bfloat16"], "--dtype", help="Expert weights (repeatable): bfloat16, int4 (group 128), fp8 (128-blocks)."),
+    dtype: List[str] = typer.Option(["bfloat16"], "--dtype", help="Expert weights (repeatable): bfloat16, int4 (group 128, int8 activations where the CPU has VNNI), "
+                                    "int4-bf16act (the same on bf16 activations), fp8 (128-blocks)."),
     no_torch: bool = typer.Option(False, "--no-torch", help="Skip the PyTorch reference."),
     as_json: bool = typer.Option(False, "--json", help="Print the rows as JSON."),
 ) -> None:

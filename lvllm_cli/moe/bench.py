@@ -21,7 +21,9 @@ MODEL_SHAPES = {
     "qwen3-next-80b": (2048, 512, 512, 10),
 }
 DEFAULT_TOKENS = {"decode": [1], "prefill": [128, 1024]}
-WEIGHT_FORMATS = {"bfloat16": 0, "int4": 128, "fp8": 128}  # dtype -> scale group along K (the common checkpoints')
+# bench dtype -> (layer dtype, scale group along K (the common checkpoints'), int8 activations for int4 decode)
+WEIGHT_FORMATS = {"bfloat16": ("bfloat16", 0, True), "int4": ("int4", 128, True), "int4-bf16act": ("int4", 128, False),
+                  "fp8": ("fp8", 128, True)}
 MIN_WORKING_SET = 4 << 30  # bytes; and >= 8x L3
 
 
@@ -41,7 +43,7 @@ class Row:
     torch_ratio: float | None  # torch time / engine time (> 1: engine faster)
     bandwidth_gbps: float
     phases_us: dict | None = None  # engine phase times per call (see EngineStats)
-    dtype: str = "bfloat16"  # expert weights: bfloat16, int4 (group 128) or fp8 (128-blocks)
+    dtype: str = "bfloat16"  # expert weights: a WEIGHT_FORMATS key
 
 
 def expert_bytes(hidden: int, inter: int, dtype_bytes: int = 2) -> int:
@@ -188,15 +190,15 @@ def _time_engine(lk, engine, name, dtype, cases, torch_us, bandwidth, l3_bytes, 
     from lvllm_cli.moe import MoELayer
 
     H, I, E, k = MODEL_SHAPES[name]
-    group = WEIGHT_FORMATS[dtype]
-    probe_layer = MoELayer.empty(E, H, I, dtype, group_size=group, engine=engine)
+    kind, group, int8 = WEIGHT_FORMATS[dtype]
+    probe_layer = MoELayer.empty(E, H, I, kind, group_size=group, engine=engine)
     per_expert = probe_layer.native.expert_bytes  # packed bytes one expert streams (scales included)
     del probe_layer
     nl = layers_for(E * per_expert, l3_bytes, free_bytes)
     progress(f"{name} {dtype}: packing {nl} layers x {E * per_expert / 2**30:.2f} GiB for the engine")
     layers = []
     for i in range(nl):
-        layer = MoELayer.empty(E, H, I, dtype, group_size=group, engine=engine)
+        layer = MoELayer.empty(E, H, I, kind, group_size=group, engine=engine, int8_activations=int8)
         layer.fill_random(seed=i + 1, scale=1.0 / math.sqrt(H))
         layers.append(layer)
     rows = []
@@ -219,7 +221,8 @@ def _time_engine(lk, engine, name, dtype, cases, torch_us, bandwidth, l3_bytes, 
         tus = torch_us.get(t) if dtype == "bfloat16" else None
         rows.append(
             Row(
-                model=name, mode=mode, tokens=t, layers=nl, threads=engine.threads, kernel=layers[0].kernel,
+                model=name, mode=mode, tokens=t, layers=nl, threads=engine.threads,
+                kernel=layers[0].kernel + ("+int8" if layers[0].int8_activations else ""),
                 us_per_layer=round(us, 1), gbps=round(gbps, 1), pct_of_bandwidth=round(100 * gbps / bandwidth, 1),
                 tflops=round(flops / (us * 1e-6) / 1e12, 3),
                 torch_us_per_layer=round(tus, 1) if tus else None,

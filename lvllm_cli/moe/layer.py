@@ -111,6 +111,7 @@ class MoELayer:
         isa: str | None = None,
         _shape: tuple[int, int, int, str] | None = None,
         group_size: int = 0,
+        int8_activations: bool = True,
     ):
         lk = native.load()
         if _shape is None:
@@ -132,7 +133,7 @@ class MoELayer:
         if dtype not in WEIGHT_DTYPES + QUANT_FORMATS:
             raise ValueError(f"weight dtype must be one of {WEIGHT_DTYPES + QUANT_FORMATS}, got {dtype!r}")
         self.engine = engine or get_engine(threads=threads, nodes=nodes, virtual_nodes=virtual_nodes, isa=isa)
-        self._native = lk.MoELayer(self.engine, E, H, I, dtype, int(group_size))
+        self._native = lk.MoELayer(self.engine, E, H, I, dtype, int(group_size), bool(int8_activations))
         if _shape is None:
             for e in range(E):
                 self.load_expert(e, "gate_up", w13[e])
@@ -142,7 +143,8 @@ class MoELayer:
     def empty(cls, experts: int, hidden: int, intermediate: int, dtype: str = "bfloat16", *, group_size: int = 0,
               **kwargs) -> "MoELayer":
         """Weights to be loaded expert by expert.  dtype: bfloat16, float16, int4 or fp8 (e4m3);
-        quantized layers take a scale group along the input dimension (0: one scale per row)."""
+        quantized layers take a scale group along the input dimension (0: one scale per row).
+        int4 layers decode on int8 activations where the CPU has VNNI unless int8_activations=False."""
         for name, v in (("experts", experts), ("hidden", hidden), ("intermediate", intermediate)):
             if int(v) <= 0:
                 raise ValueError(f"{name} must be positive, got {v}")
@@ -157,6 +159,8 @@ class MoELayer:
     weight_format = property(lambda self: self._native.weight_format, doc="bfloat16, float16, int4 or fp8_e4m3")
     group_size = property(lambda self: self._native.group_size)
     kernel = property(lambda self: self._native.kernel, doc="kernel family that runs (amx, avx512_bf16, avx512, avx2, scalar)")
+    int8_activations = property(lambda self: self._native.int8_activations,
+                                doc="int4 decode runs on int8 activations (16-value blocks), not bf16")
     packed_bytes = property(lambda self: self._native.packed_bytes)
     slices = property(lambda self: self._native.slices, doc="(first, count) of the intermediate rows held by each node group")
     complete = property(lambda self: self._native.complete, doc="every expert's gate, up and down weights are loaded")

@@ -127,7 +127,7 @@ class CpuExperts:
     def new_layer(self, name: str, experts: int, hidden: int, intermediate: int, dtype: str, scheme=None):
         """A CPU layer of bf16/fp16 weights, or of the quantized format `scheme` (a quant_loading.QuantScheme)."""
         from lvllm_cli.moe.layer import MoELayer
-        from lvllm_cli.moe.quant_loading import QuantAssembler, dequantize_at_load
+        from lvllm_cli.moe.quant_loading import QuantAssembler, dequantize_at_load, int8_activations
 
         if scheme is None:
             layer = MoELayer.empty(experts, hidden, intermediate, dtype, engine=self.engine)
@@ -136,7 +136,7 @@ class CpuExperts:
                 layer = MoELayer.empty(experts, hidden, intermediate, "bfloat16", engine=self.engine)
             else:
                 layer = MoELayer.empty(experts, hidden, intermediate, scheme.kind, group_size=scheme.group,
-                                       engine=self.engine)
+                                       engine=self.engine, int8_activations=int8_activations(self.env))
             self.assemblers[name] = QuantAssembler(layer, scheme, name)
         self.layers[name] = layer
         self.cpu_layer_count += 1

@@ -266,6 +266,15 @@ def dequantize_at_load(env) -> bool:
     return raw == "1"
 
 
+def int8_activations(env) -> bool:
+    """LVLLM_INT4_ACTIVATIONS=bf16: int4 experts decode on bf16 activations instead of int8 blocks
+    of 16 (VNNI CPUs only; about 3x slower unpacking, for comparing accuracy)."""
+    raw = env.get("LVLLM_INT4_ACTIVATIONS", "").strip().lower()
+    if raw not in ("", "int8", "bf16"):
+        raise ValueError(f"LVLLM_INT4_ACTIVATIONS={raw!r}: use int8 (the default) or bf16")
+    return raw != "bf16"
+
+
 class QuantAssembler:
     """One CPU layer: holds the pieces of each expert projection (codes, scales, and zero points for
     GPTQ/AWQ) until all have arrived, then converts and packs it into `layer` (a MoELayer): in the

@@ -131,11 +131,11 @@ double kernel_ns(Isa isa, DType weights, int n, int K, int reps, int ld_pad) {
   return ns_per_call(reps, [&] { ks->panel_dot(o.x.data(), o.ld, n, panel.data(), K, o.y.data()); });
 }
 
-double qkernel_ns(Isa isa, WKind kind, int n, int K, int G, int reps) {
+double qkernel_ns(Isa isa, WKind kind, bool int8, int n, int K, int G, int reps) {
   const KernelSet* ks = kernel_set(isa, DType::bf16);
   if (!ks || !isa_supported(isa)) return -1.0;
   auto dot = kind == WKind::int4 ? ks->q4_dot : ks->f8_dot;
-  if (!dot) return -1.0;
+  if (!dot || (int8 && (kind != WKind::int4 || !ks->q4_dot_q8))) return -1.0;
   KernelOperands o(*ks, n, size_t(K) + 32);
   std::vector<uint8_t> panel(qpanel_bytes(kind, K, G));
   uint64_t s = 88172645463325252ull;
@@ -143,6 +143,12 @@ double qkernel_ns(Isa isa, WKind kind, int n, int K, int G, int reps) {
   for (size_t i = 0; i < qpanel_data_bytes(kind, K); ++i) panel[i] = uint8_t(xorshift(s)) & (kind == WKind::fp8 ? 0xbf : 0xff);
   uint16_t* sc = reinterpret_cast<uint16_t*>(panel.data() + qpanel_data_bytes(kind, K));
   for (size_t i = 0; i < size_t(K / G) * 32; ++i) sc[i] = 0x211f;
+  if (int8) {
+    const size_t ldq = q8_row_bytes(size_t(K)) + 64;
+    std::vector<uint8_t> xq(size_t(n) * ldq);
+    for (int t = 0; t < n; ++t) ks->quantize_q8(o.x.data() + size_t(t) * o.ld * dtype_size(ks->act), K, xq.data() + t * ldq);
+    return ns_per_call(reps, [&] { ks->q4_dot_q8(xq.data(), ldq, n, panel.data(), K, G, o.y.data()); });
+  }
   return ns_per_call(reps, [&] { dot(o.x.data(), o.ld, n, panel.data(), K, G, o.y.data()); });
 }
 

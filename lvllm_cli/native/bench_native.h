@@ -22,6 +22,7 @@ std::vector<double> time_layers(const std::vector<MoELayer*>& layers, const Forw
 // cache (n token rows, K inputs): the kernel's compute speed, not memory's.
 double kernel_ns(Isa isa, DType weights, int n, int K, int reps, int ld_pad = 32);
 // The same for a quantized panel (int4 or fp8, group G) through the family's decode kernel.
-double qkernel_ns(Isa isa, WKind kind, int n, int K, int G, int reps);
+// int8: int4 panels on int8 activations (q4_dot_q8, activations quantized once, untimed).
+double qkernel_ns(Isa isa, WKind kind, bool int8, int n, int K, int G, int reps);
 
 }  // namespace lk

@@ -173,11 +173,17 @@ NB_MODULE(_lk_moe, m) {
   nb::class_<lk::MoELayer>(m, "MoELayer")
       .def(
           "__init__",
-          [](lk::MoELayer* self, std::shared_ptr<lk::Engine> engine, int E, int H, int I, const std::string& wtype, int group) {
-            new (self) lk::MoELayer(std::move(engine), E, H, I, parse_format(wtype, group));
+          [](lk::MoELayer* self, std::shared_ptr<lk::Engine> engine, int E, int H, int I, const std::string& wtype, int group,
+             bool int8_activations) {
+            lk::WeightFormat wf = parse_format(wtype, group);
+            wf.int8_activations = int8_activations;
+            new (self) lk::MoELayer(std::move(engine), E, H, I, wf);
           },
           "engine"_a, "experts"_a, "hidden"_a, "intermediate"_a, "weight_dtype"_a = "bfloat16", "group_size"_a = 0,
-          "weight_dtype: bfloat16, float16, int4 or fp8; group_size: quantization group along K (0: per row)")
+          "int8_activations"_a = true,
+          "weight_dtype: bfloat16, float16, int4 or fp8; group_size: quantization group along K (0: per row); "
+          "int8_activations: int4 decode on int8 activations where the CPU has VNNI (else bf16 activations)")
+      .def_prop_ro("int8_activations", &lk::MoELayer::int8_activations)
       .def_prop_ro("weight_format", [](lk::MoELayer& l) { return std::string(lk::wkind_name(l.format().kind)); })
       .def_prop_ro("group_size", [](lk::MoELayer& l) { return l.format().group; })
       .def_prop_ro("expert_bytes", &lk::MoELayer::expert_bytes)
@@ -301,10 +307,10 @@ NB_MODULE(_lk_moe, m) {
   m.def("qkernel_ns", [](const std::string& isa, const std::string& kind, int n, int K, int G, int reps) {
     lk::Isa i;
     if (!lk::isa_from_name(isa, &i)) throw nb::value_error(("unknown ISA variant: " + isa).c_str());
-    if (kind != "int4" && kind != "fp8") throw nb::value_error("kind must be int4 or fp8");
+    if (kind != "int4" && kind != "int4_int8" && kind != "fp8") throw nb::value_error("kind must be int4, int4_int8 or fp8");
     if (n < 1 || K < 32 || K % 32 || G < 32 || G % 32 || K % G) throw nb::value_error("need n >= 1, K and G multiples of 32, G dividing K");
     nb::gil_scoped_release release;
-    return lk::qkernel_ns(i, kind == "int4" ? lk::WKind::int4 : lk::WKind::fp8, n, K, G, std::max(1, reps));
+    return lk::qkernel_ns(i, kind == "fp8" ? lk::WKind::fp8 : lk::WKind::int4, kind == "int4_int8", n, K, G, std::max(1, reps));
   }, "isa"_a, "kind"_a, "n"_a, "K"_a, "G"_a, "reps"_a = 100,
      "ns per quantized decode dot (32 rows x K, n tokens, group G) with data in cache; -1 when the family has none.");
 

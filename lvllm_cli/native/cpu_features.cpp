@@ -42,6 +42,7 @@ static CpuFeatures detect() {
   f.avx512bw = os_zmm && (b & (1u << 30));
   f.avx512vl = os_zmm && (b & (1u << 31));
   f.avx512_fp16 = os_zmm && (d & (1u << 23));
+  f.avx512_vnni = os_zmm && (c & (1u << 11));
   f.amx_bf16 = os_amx && (d & (1u << 22));
   f.amx_tile = os_amx && (d & (1u << 24));
   f.amx_int8 = os_amx && (d & (1u << 25));
@@ -80,7 +81,8 @@ bool isa_supported(Isa isa) {
 #if defined(LK_X86)
     case Isa::avx2: return f.avx2 && f.fma && f.f16c;
     case Isa::avx512: return f.avx512f && f.avx512bw && f.avx512vl && f.f16c;
-    case Isa::avx512_bf16: return isa_supported(Isa::avx512) && f.avx512_bf16;
+    // Every CPU with AVX512-BF16 has AVX512-VNNI too; the family's int4 decode uses both.
+    case Isa::avx512_bf16: return isa_supported(Isa::avx512) && f.avx512_bf16 && f.avx512_vnni;
     case Isa::amx: return isa_supported(Isa::avx512_bf16) && f.amx_tile && f.amx_bf16 && f.amx_permitted;
 #endif
     default: return false;

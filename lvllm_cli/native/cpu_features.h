@@ -7,7 +7,7 @@ namespace lk {
 struct CpuFeatures {
   bool avx2 = false, fma = false, f16c = false;
   bool avx512f = false, avx512bw = false, avx512vl = false;
-  bool avx512_bf16 = false, avx512_fp16 = false;
+  bool avx512_bf16 = false, avx512_fp16 = false, avx512_vnni = false;
   bool amx_tile = false, amx_bf16 = false, amx_int8 = false;
   // AMX needs the kernel to grant the tile state to this process (Linux >= 5.16).
   bool amx_permitted = false;

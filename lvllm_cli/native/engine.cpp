@@ -73,7 +73,8 @@ inline bool grab(WorkCounter& c, int64_t n, int workers, int64_t* begin, int64_t
 //
 // Phases (all workers; barriers between):
 //   route    worker 0 sorts the (token, slot) assignments by expert
-//   gather   copy each assignment's token row into xg (expert order, kernel format)
+//   gather   copy each assignment's token row into xg (expert order, kernel format),
+//            and into xq as int8 (q8 rows) for int4 layers on int8 activations
 //   gate_up  per node group, items (expert, w13 panel): h = silu(gate x) * up x
 //   down     per node group, items (expert, w2 panel): y[row] = weight * w2 h
 //   reduce   out[m] = sum over slots and groups of y[row(m, slot)]
@@ -91,8 +92,9 @@ struct Engine::Job {
   int A = 0;
 
   NodeBuffer xg;  // [A + slack, act_ld(Hp)] activations, expert-sorted
+  NodeBuffer xq;  // the same rows as q8 rows (same byte stride), int8-activation layers only
   struct Group {
-    NodeBuffer hbuf;  // [A + slack, act_ld(inp)] silu(gate) * up
+    NodeBuffer hbuf;  // [A + slack, act_ld(inp)] silu(gate) * up; q8 rows for experts decoded on int8
     NodeBuffer y;     // [A, y_ld(Hp)] fp32 weighted expert outputs of this group's slice
     WorkCounter gate_up, down;
   };
@@ -168,6 +170,7 @@ bool fits(const Engine::Job& j, const MoELayer& L, int M, int k) {
   const size_t A = size_t(M) * k;
   if (j.row_token.size() < A || j.slot_row.size() < A || j.count.size() < size_t(L.E())) return false;
   if (j.xg.size() < (A + SLACK_ROWS) * act_ld(L.Hp()) * j.act) return false;
+  if (L.int8_activations() && j.xq.size() < A * act_ld(L.Hp()) * j.act) return false;
   for (size_t g = 0; g < j.groups.size(); ++g) {
     if (j.groups[g].y.size() < std::max<size_t>(A, 1) * y_ld(L.Hp()) * 4) return false;
     if (j.groups[g].hbuf.size() < (A + SLACK_ROWS) * act_ld(L.slices()[g].inp) * j.act) return false;
@@ -188,6 +191,7 @@ void Engine::reserve(int tokens, int k, const MoELayer& layer) {
     if (bytes > b.size()) b.reset(bytes + bytes / 4, node);
   };
   grow(j.xg, (A + SLACK_ROWS) * act_ld(layer.Hp_) * act, pool_->group_numa_node(0));
+  if (layer.int8_activations()) grow(j.xq, A * act_ld(layer.Hp_) * act, pool_->group_numa_node(0));
   for (int g = 0; g < pool_->num_groups(); ++g) {
     const int node = pool_->group_numa_node(g);
     grow(j.groups[g].hbuf, (A + SLACK_ROWS) * act_ld(layer.slices_[g].inp) * act, node);
@@ -267,7 +271,9 @@ void gather(Job& j, const WorkerInfo& w, int total) {
   const size_t b = size_t(j.A) * w.gid / total, e = size_t(j.A) * (w.gid + 1) / total;
   for (size_t pos = b; pos < e; ++pos) {
     const char* src = static_cast<const char*>(j.a.x) + size_t(j.row_token[pos]) * j.a.ldx * dtype_size(j.a.x_type);
-    convert_row(src, j.a.x_type, j.layer->H(), xg + pos * ld * j.act, j.ks->act, ld);
+    char* row = xg + pos * ld * j.act;
+    convert_row(src, j.a.x_type, j.layer->H(), row, j.ks->act, ld);
+    if (j.layer->int8_activations()) j.ks->quantize_q8(row, int(Hp), j.xq.as<uint8_t>() + pos * ld * j.act);
   }
 }
 
@@ -275,12 +281,22 @@ void gather(Job& j, const WorkerInfo& w, int total) {
 // on, the panel is dequantized once to bf16 and the bf16 kernels (AMX) run.
 constexpr int DEQUANT_ROWS = 32;
 
+// Whether an expert with n rows runs on q8 rows (both projections decide alike,
+// so gate_up writes h in the format down reads).
+inline bool on_int8(const Job& j, int n) { return j.layer->int8_activations() && n < DEQUANT_ROWS; }
+
 // y = rows of x (n of them, CHUNK at a time) times one panel; `each` gets
-// every chunk's result.
+// every chunk's result.  x holds q8 rows when on_int8(n).
 template <class Each>
 void panel_rows(const Job& j, const WorkerInfo& w, const char* x, size_t ldx, int n, const char* panel, int K, float* y,
                 Each each) {
   const MoELayer& L = *j.layer;
+  if (on_int8(j, n)) {
+    j.ks->q4_dot_q8(reinterpret_cast<const uint8_t*>(x), ldx * j.act, n, reinterpret_cast<const uint8_t*>(panel), K,
+                    L.group_for(K), y);
+    each(0, n);
+    return;
+  }
   const void* p = panel;
   if (L.quantized() && n >= DEQUANT_ROWS) {
     uint16_t* wb = j.wbuf[w.gid].as<uint16_t>();
@@ -311,6 +327,7 @@ void gate_up(Job& j, const WorkerInfo& w, int T) {
   const size_t pbytes = L.panel_bytes(Hp), ldx = act_ld(Hp), ldh = act_ld(S.inp);
   const char* w13 = S.w13.as<char>();
   const char* xg = j.xg.as<char>();
+  const char* xq = j.xq.as<char>();
   char* hbuf = j.groups[w.group].hbuf.as<char>();
   float* y = j.ybuf[w.gid].as<float>();
   const int64_t items = int64_t(j.active.size()) * npan;
@@ -318,10 +335,15 @@ void gate_up(Job& j, const WorkerInfo& w, int T) {
   while (grab(j.groups[w.group].gate_up, items, T, &b, &e)) {
     for (int64_t it = b; it < e; ++it) {
       const int ex = j.active[it / npan], r = int(it % npan);
-      const int off = j.offset[ex];
-      panel_rows(j, w, xg + size_t(off) * ldx * j.act, ldx, j.count[ex], w13 + (size_t(ex) * npan + r) * pbytes, Hp, y,
+      const int off = j.offset[ex], n = j.count[ex];
+      const bool q8 = on_int8(j, n);
+      panel_rows(j, w, (q8 ? xq : xg) + size_t(off) * ldx * j.act, ldx, n, w13 + (size_t(ex) * npan + r) * pbytes, Hp, y,
                  [&](int c0, int nc) {
-                   j.ks->silu_mul(y, nc, hbuf + (size_t(off + c0) * ldh + size_t(r) * 16) * j.act, ldh);
+                   if (q8)
+                     j.ks->silu_mul_q8(y, nc, reinterpret_cast<uint8_t*>(hbuf + size_t(off + c0) * ldh * j.act),
+                                       ldh * j.act, S.inp, r);
+                   else
+                     j.ks->silu_mul(y, nc, hbuf + (size_t(off + c0) * ldh + size_t(r) * 16) * j.act, ldh);
                  });
     }
   }
@@ -509,6 +531,7 @@ MoELayer::MoELayer(std::shared_ptr<Engine> engine, int E, int H, int I, WeightFo
   if (!is_quantized(wf.kind) && wf.group != 0) throw std::invalid_argument("bfloat16/float16 weights take no group size");
   ks_ = choose_kernels(wf.kind == WKind::f16 ? DType::f16 : DType::bf16, engine_->config().isa_cap);
   if (!ks_) throw std::runtime_error("no kernel for these weights on this CPU");
+  int8_act_ = wf.kind == WKind::int4 && wf.int8_activations && ks_->q4_dot_q8;
   // K is padded to whole groups (zero weights), so groups never straddle a panel or a node slice.
   const size_t kalign = wf.group > 0 ? size_t(wf.group) : size_t(K_ALIGN);
   Hp_ = int(round_up(H, kalign));
@@ -614,9 +637,10 @@ void put_qrow(const MoELayer& L, char* panel, int K, int c, const uint8_t* q, si
               size_t g0) {
   uint8_t* data = reinterpret_cast<uint8_t*>(panel);
   if (L.format().kind == WKind::int4) {
-    for (size_t k = 0; k < n; k += 2) {
-      const uint8_t lo = q[k0 + k] & 15, hi = k + 1 < n ? q[k0 + k + 1] & 15 : 0;
-      data[q4_offset(c, k)] = uint8_t(lo | hi << 4);
+    for (size_t k = 0; k < n; ++k) {
+      uint8_t& b = data[q4_offset(c, k)];
+      const int s = q4_shift(k);
+      b = uint8_t((b & ~(15 << s)) | (q[k0 + k] & 15) << s);
     }
   } else {
     for (size_t k = 0; k < n; ++k) data[panel_offset(c, k)] = q[k0 + k];

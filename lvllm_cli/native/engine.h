@@ -115,6 +115,10 @@ struct Slice {
 struct WeightFormat {
   WKind kind = WKind::bf16;
   int group = 0;  // quantized: scale group along K (0: one group per row, "per channel")
+  // int4 decode with int8 activations (16-value blocks) where the CPU has an
+  // int8 dot product: the unpacking, not memory, bounds the bf16-activation
+  // kernel, and the int8 rounding is small next to the int4 weights' own.
+  bool int8_activations = true;
 };
 
 class MoELayer {
@@ -132,6 +136,8 @@ class MoELayer {
   const WeightFormat& format() const { return wf_; }
   bool quantized() const { return is_quantized(wf_.kind); }
   int group_for(int K) const { return wf_.group > 0 ? wf_.group : K; }
+  // Whether int4 decode runs on int8 activations (asked for and available).
+  bool int8_activations() const { return int8_act_; }
   size_t panel_bytes(int K) const;  // one panel of 32 rows x K, scales included
   // out-of-cache bytes of expert e's weights in one slice; for the benchmark's bandwidth figures
   size_t expert_bytes() const;
@@ -163,6 +169,7 @@ class MoELayer {
   int E_, H_, I_, Hp_;
   WeightFormat wf_;
   const KernelSet* ks_;
+  bool int8_act_ = false;
   std::vector<Slice> slices_;
   std::vector<uint8_t> loaded_;
 };

@@ -41,8 +41,7 @@ void qdot(const void* xv, size_t ldx, int n, const uint8_t* p, int K, int G, flo
             const uint8_t* e = p + panel_offset(c, 2 * size_t(j));
             a[c] += lut[e[0]] * x0 + lut[e[1]] * x1;
           } else {
-            const uint8_t b = p[q4_offset(c, 2 * size_t(j))];
-            a[c] += float(q4_value(b)) * x0 + float(q4_value(b >> 4)) * x1;
+            a[c] += float(q4_code(p, c, 2 * size_t(j))) * x0 + float(q4_code(p, c, 2 * size_t(j) + 1)) * x1;
           }
         }
       }
@@ -69,8 +68,7 @@ void dequant_panel_bf16(WKind kind, const uint8_t* p, int K, int G, uint16_t* ou
       if (kind == WKind::fp8) {
         q = lut[p[panel_offset(c, k)]];
       } else {
-        const uint8_t b = p[q4_offset(c, k)];
-        q = float(q4_value(k % 2 ? b >> 4 : b));
+        q = float(q4_code(p, c, size_t(k)));
       }
       out[panel_offset(c, k)] = f32_to_bf16(q * f16_to_f32(s[c]));
     }

@@ -42,6 +42,14 @@ struct KernelSet {
   void (*f8_dot)(const void* x, size_t ldx, int n, const uint8_t* panel, int K, int G, float* y) = nullptr;
   // Quantized panel -> bf16 panel with scales applied; null: dequant_panel_bf16.
   void (*dequant)(WKind kind, const uint8_t* panel, int K, int G, uint16_t* out) = nullptr;
+  // int4 panels times int8 activations (q8 rows of K, quant.h; row stride
+  // ldq bytes), y as q4_dot.  Null where the CPU has no int8 dot product.
+  void (*q4_dot_q8)(const uint8_t* xq, size_t ldq, int n, const uint8_t* panel, int K, int G, float* y) = nullptr;
+  // One activation row of K values (act format) -> q8 row.
+  void (*quantize_q8)(const void* x, int K, uint8_t* row) = nullptr;
+  // silu_mul into q8 rows (length Kh, stride ldh bytes): the 16 results of
+  // row t become block `blk` of h + t * ldh.
+  void (*silu_mul_q8)(const float* y, int n, uint8_t* h, size_t ldh, int Kh, int blk) = nullptr;
 };
 
 // Portable quantized kernels for either activation format (kernels.cpp).
@@ -74,6 +82,9 @@ void avx512bf16_silu_mul(const float* y, int n, void* h, size_t ldh);
 void avx512bf16_q4_dot(const void* x, size_t ldx, int n, const uint8_t* panel, int K, int G, float* y);
 void avx512bf16_f8_dot(const void* x, size_t ldx, int n, const uint8_t* panel, int K, int G, float* y);
 void avx512bf16_dequant(WKind kind, const uint8_t* panel, int K, int G, uint16_t* out);
+void avx512vnni_q4_dot_q8(const uint8_t* xq, size_t ldq, int n, const uint8_t* panel, int K, int G, float* y);
+void avx512vnni_quantize_q8(const void* x, int K, uint8_t* row);
+void avx512vnni_silu_mul_q8(const float* y, int n, uint8_t* h, size_t ldh, int Kh, int blk);
 // fp32-activation quantized kernels (AVX2 + FMA + F16C), also used by the AVX512F family.
 void avx2_q4_dot(const void* x, size_t ldx, int n, const uint8_t* panel, int K, int G, float* y);
 void avx2_f8_dot(const void* x, size_t ldx, int n, const uint8_t* panel, int K, int G, float* y);

@@ -97,8 +97,9 @@ void panel_dot(const void* xv, size_t ldx, int n, const void* pv, int K, float* 
     avx512bf16_panel_dot(x + t * ldx, ldx, n - t, p, K, y + t * 32);
 }
 
-const KernelSet kBf16{Isa::amx, "amx", DType::bf16, DType::bf16, panel_dot, avx512bf16_silu_mul, avx512bf16_q4_dot,
-                      avx512bf16_f8_dot, avx512bf16_dequant};
+const KernelSet kBf16{Isa::amx,           "amx",                DType::bf16,          DType::bf16,
+                      panel_dot,          avx512bf16_silu_mul,  avx512bf16_q4_dot,    avx512bf16_f8_dot,
+                      avx512bf16_dequant, avx512vnni_q4_dot_q8, avx512vnni_quantize_q8, avx512vnni_silu_mul_q8};
 
 }  // namespace
 

@@ -79,14 +79,13 @@ void silu_mul(const float* y, int n, void* hv, size_t ldh) {
 
 // --- quantized panels (quant.h), fp32 activations: 8 rows per register ------
 
-// 8 int4 codes of one k-pair (8 bytes) -> (even k, odd k) as fp32.
-static inline void q4_8(const uint8_t* p8, __m256& even, __m256& odd) {
-  const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p8)));
-  const __m256i eight = _mm256_set1_epi32(8);
-  const __m256i lo = _mm256_sub_epi32(_mm256_xor_si256(_mm256_and_si256(v, _mm256_set1_epi32(15)), eight), eight);
-  const __m256i hi = _mm256_sub_epi32(_mm256_xor_si256(_mm256_srli_epi32(v, 4), eight), eight);
-  even = _mm256_cvtepi32_ps(lo);
-  odd = _mm256_cvtepi32_ps(hi);
+// Code k (0..7) of 8 rows' 32-bit lanes (quant.h: byte k % 4, nibble k / 4)
+// as fp32: shift the nibble to the top, arithmetic shift back down.
+template <int KK>
+static inline __m256 q4_code8(__m256i v) {
+  constexpr int top = 28 - (8 * (KK % 4) + 4 * (KK / 4));
+  const __m256i up = top ? _mm256_slli_epi32(v, top) : v;
+  return _mm256_cvtepi32_ps(_mm256_srai_epi32(up, 28));
 }
 
 // 8 e4m3 bytes -> fp32: rebias normals, subnormals as m * 2^-9.
@@ -109,24 +108,36 @@ void qdot1(const float* x, const uint8_t* p, int K, int G, float* y) {
   for (int g = 0; g < K / G; ++g) {
     __m256 a[4];
     for (int r = 0; r < 4; ++r) a[r] = _mm256_setzero_ps();
-    for (int j = g * G / 2; j < (g + 1) * G / 2; ++j) {
-      const __m256 xe = _mm256_broadcast_ss(x + 2 * j), xo = _mm256_broadcast_ss(x + 2 * j + 1);
-      for (int r = 0; r < 4; ++r) {  // rows 8r..8r+7 (halves: r < 2 is half 0)
-        __m256 we, wo;
-        if constexpr (FP8) {
+    if constexpr (FP8) {
+      for (int j = g * G / 2; j < (g + 1) * G / 2; ++j) {
+        const __m256 xe = _mm256_broadcast_ss(x + 2 * j), xo = _mm256_broadcast_ss(x + 2 * j + 1);
+        for (int r = 0; r < 4; ++r) {  // rows 8r..8r+7 (halves: r < 2 is half 0)
           // e4m3 bytes of 4 rows x 2 k per 8 bytes: widen, then split even / odd k.
           const uint8_t* pr = p + size_t(j) * 64 + size_t(r) * 16;
           const __m256 w0 = e4m3_8(pr), w1 = e4m3_8(pr + 8);  // rows 8r..8r+3 and 8r+4..8r+7, (k, k+1) interleaved
-          we = _mm256_shuffle_ps(w0, w1, 0x88);              // even lanes: k even ...
-          wo = _mm256_shuffle_ps(w0, w1, 0xdd);              // odd lanes: k odd ...
+          __m256 we = _mm256_shuffle_ps(w0, w1, 0x88);       // even lanes: k even ...
+          __m256 wo = _mm256_shuffle_ps(w0, w1, 0xdd);       // odd lanes: k odd ...
           // shuffle_ps works within 128-bit halves: fix the row order to 0..7
           we = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(we), 0xd8));
           wo = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(wo), 0xd8));
-        } else {
-          q4_8(p + size_t(j) * 32 + size_t(r) * 8, we, wo);
+          a[r] = _mm256_fmadd_ps(we, xe, a[r]);
+          a[r] = _mm256_fmadd_ps(wo, xo, a[r]);
         }
-        a[r] = _mm256_fmadd_ps(we, xe, a[r]);
-        a[r] = _mm256_fmadd_ps(wo, xo, a[r]);
+      }
+    } else {
+      for (int j8 = g * G / 8; j8 < (g + 1) * G / 8; ++j8) {
+        const float* xk = x + 8 * j8;
+        for (int r = 0; r < 4; ++r) {  // rows 8r..8r+7: half r / 2, second 32 bytes of it for odd r
+          const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + size_t(j8) * 128 + size_t(r) * 32));
+          a[r] = _mm256_fmadd_ps(q4_code8<0>(v), _mm256_broadcast_ss(xk + 0), a[r]);
+          a[r] = _mm256_fmadd_ps(q4_code8<1>(v), _mm256_broadcast_ss(xk + 1), a[r]);
+          a[r] = _mm256_fmadd_ps(q4_code8<2>(v), _mm256_broadcast_ss(xk + 2), a[r]);
+          a[r] = _mm256_fmadd_ps(q4_code8<3>(v), _mm256_broadcast_ss(xk + 3), a[r]);
+          a[r] = _mm256_fmadd_ps(q4_code8<4>(v), _mm256_broadcast_ss(xk + 4), a[r]);
+          a[r] = _mm256_fmadd_ps(q4_code8<5>(v), _mm256_broadcast_ss(xk + 5), a[r]);
+          a[r] = _mm256_fmadd_ps(q4_code8<6>(v), _mm256_broadcast_ss(xk + 6), a[r]);
+          a[r] = _mm256_fmadd_ps(q4_code8<7>(v), _mm256_broadcast_ss(xk + 7), a[r]);
+        }
       }
     }
     for (int r = 0; r < 4; ++r) {
