@@ -18,8 +18,13 @@
 #   memops          LVLLM_STREAM_SYNC=memops: tiny Qwen3-MoE stock vs plugin, then 30B bf16 decode
 #   memops-int4     LVLLM_STREAM_SYNC=memops: 30B int4 decode
 #   perf-80b-fp8    Qwen3-Next-80B-A3B shapes with fp8 experts on the CPU: decode vs roofline (issue 8)
-#   next-dump       Qwen3-Next: stock vs plugin, and the model + both scored runs copied to $OUT
-#                   (for scripts/fp32_reference_score.py on any CPU machine)
+#   int8-engine     int4 on int8 activations: kernels in cache, engine decode at 30B shapes vs bf16 activations
+#   int8-engine-g32 the same at group 32 (the 30B int4 checkpoint's)
+#   int8-30b        30B int4 decode in vLLM, int8 activations vs bf16 activations (same run)
+#   int8-e2e        tiny int4 / GPTQ checkpoints: stock vs plugin on int8 activations, and on bf16 activations
+#   next-dump       Qwen3-Next: stock vs plugin, both scored against float32 here (fp32_reference_score.py,
+#                   where this host's transformers has Qwen3-Next), and the model + both scored runs
+#                   copied to $OUT (to score them on any CPU machine otherwise)
 #
 # Output goes to $OUT with tee, never through grep (a killed pipeline returns nothing).
 set -uo pipefail
@@ -55,14 +60,33 @@ case "${1:-}" in
     LVLLM_STREAM_SYNC=memops LVLLM_RUN_TIMEOUT=270 python3 scripts/gpu_perf_30b.py "$OUT" lvllm_graphs 2>&1 | tee "$OUT/perf-memops.log" ;;
   memops-int4) LVLLM_STREAM_SYNC=memops LVLLM_RUN_TIMEOUT=270 python3 scripts/gpu_perf_30b.py "$OUT" lvllm_int4 2>&1 | tee "$OUT/perf-memops-int4.log" ;;
   perf-80b-fp8) LVLLM_RUN_TIMEOUT=560 python3 scripts/gpu_perf_80b_fp8.py "$OUT" 2>&1 | tee "$OUT/perf-80b-fp8.log" ;;
+  int8-engine)
+    (cd /tmp && python3 "$REPO/scripts/kernel_microbench.py" 2048) 2>&1 | tee "$OUT/kernels.txt"
+    (cd /tmp && python3 -m lvllm_cli bench moe -m qwen3-30b-a3b --dtype bfloat16 --dtype int4 --dtype int4-bf16act \
+      --dtype fp8 --decode 1 --decode 4 --prefill 128 --no-torch -t 15 --json) > "$OUT/bench_int8.json" 2> "$OUT/bench_int8.log"
+    tail -16 "$OUT/bench_int8.log" ;;
+  int8-engine-g32)  # the group of the 30B int4 checkpoint gpu_perf_30b serves
+    (cd /tmp && python3 -m lvllm_cli bench moe -m qwen3-30b-a3b --dtype bfloat16 --dtype int4 --dtype int4-bf16act \
+      --group 32 --decode 1 --decode 4 --prefill 128 --no-torch -t 15 --json) > "$OUT/bench_int8_g32.json" 2> "$OUT/bench_int8_g32.log"
+    tail -16 "$OUT/bench_int8_g32.log" ;;
+  int8-30b) LVLLM_RUN_TIMEOUT=270 python3 scripts/gpu_perf_30b.py "$OUT" lvllm_int4 lvllm_int4_bf16act 2>&1 | tee "$OUT/int8-30b.log" ;;
+  int8-e2e) LVLLM_E2E_VARIANTS=cpu_graphs,cpu_graphs_bf16act LVLLM_RUN_TIMEOUT=200 \
+      python3 scripts/gpu_plugin_e2e.py "$OUT" qwen3_moe_int4 qwen3_moe_gptq 2>&1 | tee "$OUT/e2e-int8.log" ;;
   next-dump)
     LVLLM_RUN_TIMEOUT=280 python3 scripts/gpu_plugin_e2e.py "$OUT" qwen3_next 2>&1 | tee "$OUT/e2e-next.log"
+    w=${LVLLM_E2E_WORK:-/tmp/lvllm-e2e}
+    if python3 -c "import transformers.models.qwen3_next" 2> /dev/null; then
+      python3 scripts/fp32_reference_score.py "$w/qwen3_next" "$w/logs/qwen3_next-stock.json" \
+        "$w/logs/qwen3_next-cpu_graphs.json" --out "$OUT/next-fp32.json" 2>&1 | tee "$OUT/next-fp32.log"
+    else
+      echo "this host's transformers has no Qwen3-Next: score the copies in $OUT/next elsewhere" | tee "$OUT/next-fp32.log"
+    fi
     # The device tool returns files of a few MB at most: the 17 MB checkpoint goes in 4 MB parts
     # (cat next/model.safetensors.part* > model.safetensors; the tiny model cannot be regenerated
     # bit for bit elsewhere: its random init depends on the torch version).
-    mkdir -p "$OUT/next" && cp /tmp/lvllm-e2e/qwen3_next/*.json "$OUT/next/" \
-      && split -b 4M /tmp/lvllm-e2e/qwen3_next/model.safetensors "$OUT/next/model.safetensors.part" \
-      && cp /tmp/lvllm-e2e/logs/qwen3_next-stock.json /tmp/lvllm-e2e/logs/qwen3_next-cpu_graphs.json "$OUT/next/" ;;
+    mkdir -p "$OUT/next" && cp "$w"/qwen3_next/*.json "$OUT/next/" \
+      && split -b 4M "$w/qwen3_next/model.safetensors" "$OUT/next/model.safetensors.part" \
+      && cp "$w/logs/qwen3_next-stock.json" "$w/logs/qwen3_next-cpu_graphs.json" "$OUT/next/" ;;
   serve-30b)
     d=/tmp/lvllm-shape-30b
     [ -d "$d" ] || python3 -m lvllm_cli shape qwen3-30b-a3b "$d"
@@ -75,5 +99,5 @@ case "${1:-}" in
     kill -INT -"$(cat /tmp/lvllm-serve30.pid)"
     for i in $(seq 30); do kill -0 "$(cat /tmp/lvllm-serve30.pid)" 2>/dev/null || break; sleep 1; done
     tail -20 "$OUT/serve-30b.log" ;;
-  *) sed -n 2,25p "$0"; exit 2 ;;
+  *) sed -n 2,29p "$0"; exit 2 ;;
 esac

@@ -44,6 +44,23 @@ def test_tiny_run_fills_every_row(monkeypatch):
         assert (r.torch_ratio is not None) == (r.dtype == "bfloat16")
     with pytest.raises(ValueError, match="unknown expert dtype"):
         bench.bench_moe(["tiny"], dtypes=("int3",), threads=1)
+    with pytest.raises(ValueError, match="group 48: a quantization group is a positive multiple of 32"):
+        bench.bench_moe(["tiny"], dtypes=("int4",), group=48, threads=1)
+
+
+def test_group_option_names_the_rows(monkeypatch):
+    monkeypatch.setitem(bench.MODEL_SHAPES, "tiny", (64, 64, 16, 4))
+    monkeypatch.setattr(bench, "MIN_WORKING_SET", 1 << 20)
+    _, rows = bench.bench_moe(["tiny"], {"decode": [1]}, threads=1, passes=1, with_torch=False, l3_bytes=1 << 16,
+                              free_bytes=1 << 30, dtypes=("bfloat16", "int4", "int4-bf16act"), group=32)
+    assert [r.dtype for r in rows] == ["bfloat16", "int4-g32", "int4-bf16act-g32"]
+    assert rows[1].kernel.endswith("+int8") == lk_has_vnni() and not rows[2].kernel.endswith("+int8")
+
+
+def lk_has_vnni():
+    from lvllm_cli import _lk_moe as lk
+
+    return lk.isa_supported("avx512_bf16")
 
 
 def test_kernel_microbench_entry_points_time_and_refuse_bad_shapes():

@@ -22,6 +22,8 @@ def moe(
     passes: int = typer.Option(3, "--passes", help="Timed passes over all layers."),
     dtype: List[str] = typer.Option(["bfloat16"], "--dtype", help="Expert weights (repeatable): bfloat16, int4 (group 128, int8 activations where the CPU has VNNI), "
                                     "int4-bf16act (the same on bf16 activations), fp8 (128-blocks)."),
+    group: Optional[int] = typer.Option(None, "--group", help="Scale group of the quantized dtypes (default 128; e.g. 32, as in "
+                                        "many AWQ/GPTQ checkpoints)."),
     no_torch: bool = typer.Option(False, "--no-torch", help="Skip the PyTorch reference."),
     as_json: bool = typer.Option(False, "--json", help="Print the rows as JSON."),
 ) -> None:
@@ -43,7 +45,7 @@ def moe(
         with err.status("starting") as status:
             bandwidth, rows = bench_moe(
                 models, {"decode": decode, "prefill": prefill}, threads=threads, virtual_nodes=virtual_nodes,
-                passes=passes, with_torch=not no_torch, dtypes=tuple(dtype), progress=lambda s: (status.update(s), err.log(s)),
+                passes=passes, with_torch=not no_torch, dtypes=tuple(dtype), group=group, progress=lambda s: (status.update(s), err.log(s)),
             )
     except (ValueError, MemoryError, EngineUnavailable) as exc:
         from rich.markup import escape

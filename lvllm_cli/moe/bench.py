@@ -112,6 +112,7 @@ def bench_moe(
     passes: int = 3,
     with_torch: bool = True,
     dtypes: tuple[str, ...] = ("bfloat16",),
+    group: int | None = None,
     l3_bytes: int | None = None,
     free_bytes: int | None = None,
     progress: Callable[[str], None] = lambda s: None,
@@ -130,6 +131,8 @@ def bench_moe(
     for d in dtypes:
         if d not in WEIGHT_FORMATS:
             raise ValueError(f"unknown expert dtype {d!r}; known: {', '.join(WEIGHT_FORMATS)}")
+    if group is not None and (group < 0 or group % 32):
+        raise ValueError(f"group {group}: a quantization group is a positive multiple of 32, or 0 for one scale per row")
     if l3_bytes is None:
         from lvllm_cli.probe import probe
 
@@ -177,20 +180,22 @@ def bench_moe(
                     progress(f"{name} {mode} M={t}: torch {torch_us[t]:.0f} us/layer")
                 del tl
             for dtype in dtypes:
-                rows += _time_engine(lk, engine, name, dtype, cases, torch_us, bandwidth, l3_bytes, free_bytes, passes,
-                                     progress)
+                rows += _time_engine(lk, engine, name, dtype, group, cases, torch_us, bandwidth, l3_bytes, free_bytes,
+                                     passes, progress)
     finally:
         torch.set_num_threads(prev_threads)
     return bandwidth, rows
 
 
-def _time_engine(lk, engine, name, dtype, cases, torch_us, bandwidth, l3_bytes, free_bytes, passes, progress) -> list[Row]:
+def _time_engine(lk, engine, name, dtype, group, cases, torch_us, bandwidth, l3_bytes, free_bytes, passes,
+                 progress) -> list[Row]:
     import torch
 
     from lvllm_cli.moe import MoELayer
 
     H, I, E, k = MODEL_SHAPES[name]
-    kind, group, int8 = WEIGHT_FORMATS[dtype]
+    kind, default_group, int8 = WEIGHT_FORMATS[dtype]
+    group = default_group if group is None or kind == "bfloat16" else group
     probe_layer = MoELayer.empty(E, H, I, kind, group_size=group, engine=engine)
     per_expert = probe_layer.native.expert_bytes  # packed bytes one expert streams (scales included)
     del probe_layer
@@ -229,7 +234,7 @@ def _time_engine(lk, engine, name, dtype, cases, torch_us, bandwidth, l3_bytes, 
                 torch_ratio=round(tus / us, 2) if tus else None,
                 bandwidth_gbps=round(bandwidth, 1),
                 phases_us=phases,
-                dtype=dtype,
+                dtype=dtype if group == default_group else f"{dtype}-g{group}",
             )
         )
         progress(f"{name} {dtype} {mode} M={t}: {us:.0f} us/layer, {gbps:.1f} GB/s ({100 * gbps / bandwidth:.0f}% of bandwidth)")
