@@ -1,7 +1,8 @@
 """Qwen3-30B-A3B shapes (--load-format dummy): decode tokens/s of vLLM + lvllm vs stock vLLM's CPU offload.
 
     python scripts/gpu_perf_30b.py OUTDIR [variants...]
-      variants: lvllm_graphs lvllm_eager stock_offload lvllm_int4 lvllm_fp8 lvllm_int4_bf16act
+      variants: lvllm_graphs lvllm_eager stock_offload stock_offload_concurrent lvllm_int4 lvllm_fp8
+                lvllm_int4_bf16act
                 (default: the first three; int4/fp8 serve the qwen3-30b-a3b-int4 /
                  -fp8 shapes: compressed-tensors int4 group 32, fp8 128x128 blocks)
 
@@ -63,6 +64,10 @@ def main() -> None:
         # Batch 1 only: every step streams the offloaded experts over PCIe (seconds per step).
         "stock_offload": (base, {}, ["--load-format", "dummy", "--bench", "--max-tokens", "16", "--concurrency", "1",
                                      "--extra-json", json.dumps({"cpu_offload_gb": 58, "cpu_offload_params": ["experts"]})]),
+        # The same at 4 and 16 concurrent requests (more experts per step, still over PCIe).
+        "stock_offload_concurrent": (base, {}, ["--load-format", "dummy", "--bench", "--max-tokens", "16",
+                                                "--concurrency", "4,16", "--extra-json",
+                                                json.dumps({"cpu_offload_gb": 58, "cpu_offload_params": ["experts"]})]),
         "lvllm_int4": (f"{base}-int4", cpu, ["--load-format", "dummy", "--bench", "--max-tokens", "64"]),
         "lvllm_fp8": (f"{base}-fp8", cpu, ["--load-format", "dummy", "--bench", "--max-tokens", "64"]),
         # The int4 kernel before int8 activations, for the same-run comparison.
@@ -80,6 +85,9 @@ def main() -> None:
             print(name, "FAILED", r["log_tail"][-2500:], flush=True)
             continue
         report[name] = {"load_s": r["load_s"], "gpu_weights_gib": gib_loaded(log), "bench": r["bench"]}
+        if r["bench"][0]["concurrency"] != 1:
+            print(name, json.dumps(report[name]), flush=True)
+            continue
         b1 = r["bench"][0]["tokens_per_s"]
         streamed = EXPERT_BYTES_PER_TOKEN * STREAMED_BYTES_PER_WEIGHT[shape] / 2
         report[name]["roofline_tokens_per_s"] = round(bw * 1e9 / streamed, 2)
