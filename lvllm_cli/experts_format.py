@@ -56,17 +56,16 @@ class Speed:
         return prompt_ratio / PREFILL_TOKENS * self.prefill_us + self.decode_us
 
 
-# Known speeds when nothing was measured: docs/PERFORMANCE.md, "Quantized experts, Qwen3-30B-A3B shapes
-# (issue 8)", the table "The engine alone on the same machine (`lvllm bench moe -t 15`, bandwidth 74.7 GB/s)"
-# (GPU host, Xeon with AMX, 2026-11-24), µs per layer at decode M=1 and prefill M=128.  Only the ratios
-# between formats matter: int4 decodes 2.70x and fp8 1.54x faster than bf16; at prefill M=128 bf16 is
-# 1.30x faster than int4 and 1.90x faster than fp8 (in time: the "24 % vs 121 % of bandwidth" in NOTES
-# counts bytes streamed, which differ 4x between the formats).
+# Known speeds when nothing was measured: docs/PERFORMANCE.md, "Session 6: int4 on int8 activations", the
+# engine table (`lvllm bench moe -m qwen3-30b-a3b -t 15`, GPU host, Xeon with AMX, bandwidth 76.5 GB/s,
+# 2026-11-24 21:32), µs per layer at decode M=1 and prefill M=128.  Only the ratios between formats matter:
+# int4 (int8 activations) decodes 2.93x and fp8 1.22x faster than bf16; at prefill M=128 (8 rows per
+# expert) int4 is 1.54x faster than bf16 and bf16 2.03x faster than fp8.
 KNOWN_SPEEDS_SOURCE = "engine ratios from docs/PERFORMANCE.md (Xeon with AMX)"
 KNOWN_SPEEDS = {
-    "bf16": Speed(decode_us=997.5, prefill_us=13355.0),
-    "int4": Speed(decode_us=369.9, prefill_us=17346.0),
-    "fp8": Speed(decode_us=646.2, prefill_us=25403.0),
+    "bf16": Speed(decode_us=885.0, prefill_us=12088.5),
+    "int4": Speed(decode_us=301.6, prefill_us=7835.3),
+    "fp8": Speed(decode_us=726.9, prefill_us=24568.6),
 }
 
 
