@@ -20,6 +20,7 @@
 #   perf-80b-fp8    Qwen3-Next-80B-A3B shapes with fp8 experts on the CPU: decode vs roofline (issue 8)
 #   int8-engine     int4 on int8 activations: kernels in cache, engine decode at 30B shapes vs bf16 activations
 #   int8-engine-g32 the same at group 32 (the 30B int4 checkpoint's)
+#   int8-prefetch   LK_Q4_PREFETCH sweep (0 / 256 / 512 / 1024 / 2048 bytes) of the int8-activation decode
 #   int8-30b        30B int4 decode in vLLM, int8 activations vs bf16 activations (same run)
 #   int8-e2e        tiny int4 / GPTQ checkpoints: stock vs plugin on int8 activations, and on bf16 activations
 #   next-dump       Qwen3-Next: stock vs plugin, both scored against float32 here (fp32_reference_score.py,
@@ -69,6 +70,12 @@ case "${1:-}" in
     (cd /tmp && python3 -m lvllm_cli bench moe -m qwen3-30b-a3b --dtype bfloat16 --dtype int4 --dtype int4-bf16act \
       --group 32 --decode 1 --decode 4 --prefill 128 --no-torch -t 15 --json) > "$OUT/bench_int8_g32.json" 2> "$OUT/bench_int8_g32.log"
     tail -16 "$OUT/bench_int8_g32.log" ;;
+  int8-prefetch)  # LK_Q4_PREFETCH sweep of the int8-activation decode (no vLLM needed)
+    for pf in 0 256 512 1024 2048 0; do
+      (cd /tmp && LK_Q4_PREFETCH=$pf python3 -m lvllm_cli bench moe -m qwen3-30b-a3b --dtype int4 --dtype bfloat16 \
+        --decode 1 --decode 4 --prefill 128 --no-torch -t 15 --json) > "$OUT/pf-$pf.json" 2> "$OUT/pf-$pf.log"
+      echo "LK_Q4_PREFETCH=$pf"; grep -E "decode M=|prefill M=" -A1 "$OUT/pf-$pf.log" | tr -s ' ' | paste - - | cut -c1-160
+    done ;;
   int8-30b) LVLLM_RUN_TIMEOUT=270 python3 scripts/gpu_perf_30b.py "$OUT" lvllm_int4 lvllm_int4_bf16act 2>&1 | tee "$OUT/int8-30b.log" ;;
   int8-e2e) LVLLM_E2E_VARIANTS=cpu_graphs,cpu_graphs_bf16act LVLLM_RUN_TIMEOUT=200 \
       python3 scripts/gpu_plugin_e2e.py "$OUT" qwen3_moe_int4 qwen3_moe_gptq 2>&1 | tee "$OUT/e2e-int8.log" ;;
@@ -99,5 +106,5 @@ case "${1:-}" in
     kill -INT -"$(cat /tmp/lvllm-serve30.pid)"
     for i in $(seq 30); do kill -0 "$(cat /tmp/lvllm-serve30.pid)" 2>/dev/null || break; sleep 1; done
     tail -20 "$OUT/serve-30b.log" ;;
-  *) sed -n 2,29p "$0"; exit 2 ;;
+  *) sed -n 2,30p "$0"; exit 2 ;;
 esac

@@ -4,6 +4,9 @@
 // runs on AVX512-VNNI (int8 activations), which every such CPU also has.
 #include <immintrin.h>
 
+#include <algorithm>
+#include <cstdlib>
+
 #include "kernels.h"
 #include "vec_math.h"
 
@@ -147,8 +150,18 @@ static inline void q4_planes(const uint8_t* p64, __m512i& lo, __m512i& hi) {
   hi = _mm512_ternarylogic_epi32(_mm512_srli_epi32(v, 4), flip, nib, 0x28);
 }
 
-template <int MT>
-void q8dot(const uint8_t* xq, size_t ldq, const uint8_t* p, int K, int G, float* y) {
+// Software prefetch distance of the int8-activation decode, bytes ahead of
+// the codes being read (0: none).  LK_Q4_PREFETCH overrides it, read once.
+static int q4_prefetch_bytes() {
+  static const int v = [] {
+    const char* e = std::getenv("LK_Q4_PREFETCH");
+    return e ? std::max(0, std::atoi(e)) & ~127 : 0;
+  }();
+  return v;
+}
+
+template <int MT, bool PF>
+void q8dot(const uint8_t* xq, size_t ldq, const uint8_t* p, int K, int G, float* y, int pf) {
   const uint16_t* sc = reinterpret_cast<const uint16_t*>(p + qpanel_data_bytes(WKind::int4, K));
   const float* xs[MT];
   const int32_t* xb[MT];
@@ -166,6 +179,10 @@ void q8dot(const uint8_t* xq, size_t ldq, const uint8_t* p, int K, int G, float*
       __m512i ia[MT][2];
       for (int t = 0; t < MT; ++t) ia[t][0] = ia[t][1] = _mm512_setzero_si512();
       for (int k = k0; k < k0 + Q8_BLOCK; k += 8) {
+        if constexpr (PF) {
+          _mm_prefetch(reinterpret_cast<const char*>(p + size_t(k / 8) * 128 + pf), _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(p + size_t(k / 8) * 128 + pf + 64), _MM_HINT_T0);
+        }
         for (int h = 0; h < 2; ++h) {
           __m512i lo, hi;
           q4_planes(p + size_t(k / 8) * 128 + h * 64, lo, hi);
@@ -285,11 +302,20 @@ void avx512bf16_dequant(WKind kind, const uint8_t* p, int K, int G, uint16_t* ou
     dequant<false>(p, K, G, out);
 }
 
-void avx512vnni_q4_dot_q8(const uint8_t* xq, size_t ldq, int n, const uint8_t* p, int K, int G, float* y) {
+template <bool PF>
+void q8dot_n(const uint8_t* xq, size_t ldq, int n, const uint8_t* p, int K, int G, float* y, int pf) {
   int t = 0;
-  for (; t + 4 <= n; t += 4) q8dot<4>(xq + t * ldq, ldq, p, K, G, y + t * 32);
-  if (t + 2 <= n) { q8dot<2>(xq + t * ldq, ldq, p, K, G, y + t * 32); t += 2; }
-  if (t < n) q8dot<1>(xq + t * ldq, ldq, p, K, G, y + t * 32);
+  for (; t + 4 <= n; t += 4) q8dot<4, PF>(xq + t * ldq, ldq, p, K, G, y + t * 32, pf);
+  if (t + 2 <= n) { q8dot<2, PF>(xq + t * ldq, ldq, p, K, G, y + t * 32, pf); t += 2; }
+  if (t < n) q8dot<1, PF>(xq + t * ldq, ldq, p, K, G, y + t * 32, pf);
+}
+
+void avx512vnni_q4_dot_q8(const uint8_t* xq, size_t ldq, int n, const uint8_t* p, int K, int G, float* y) {
+  const int pf = q4_prefetch_bytes();
+  if (pf)
+    q8dot_n<true>(xq, ldq, n, p, K, G, y, pf);
+  else
+    q8dot_n<false>(xq, ldq, n, p, K, G, y, 0);
 }
 
 void avx512vnni_quantize_q8(const void* xv, int K, uint8_t* row) {
