@@ -57,15 +57,15 @@ class Speed:
 
 
 # Known speeds when nothing was measured: docs/PERFORMANCE.md, "Session 6: int4 on int8 activations", the
-# engine table (`lvllm bench moe -m qwen3-30b-a3b -t 15`, GPU host, Xeon with AMX, bandwidth 76.5 GB/s,
-# 2026-11-24 21:32), µs per layer at decode M=1 and prefill M=128.  Only the ratios between formats matter:
-# int4 (int8 activations) decodes 2.93x and fp8 1.22x faster than bf16; at prefill M=128 (8 rows per
-# expert) int4 is 1.54x faster than bf16 and bf16 2.03x faster than fp8.
+# prefetch sweep's LK_Q4_PREFETCH=2048 row (the default; `lvllm bench moe -m qwen3-30b-a3b -t 15`, GPU host,
+# Xeon with AMX, 2026-11-24 22:18), µs per layer at decode M=1 and prefill M=128.  Only the ratios between
+# formats matter: int4 (int8 activations) decodes 3.66x and fp8 1.79x faster than bf16; at prefill M=128
+# (8 rows per expert) int4 is 1.69x faster than bf16 and bf16 2.05x faster than fp8.
 KNOWN_SPEEDS_SOURCE = "engine ratios from docs/PERFORMANCE.md (Xeon with AMX)"
 KNOWN_SPEEDS = {
-    "bf16": Speed(decode_us=885.0, prefill_us=12088.5),
-    "int4": Speed(decode_us=301.6, prefill_us=7835.3),
-    "fp8": Speed(decode_us=726.9, prefill_us=24568.6),
+    "bf16": Speed(decode_us=791.3, prefill_us=11321.3),
+    "int4": Speed(decode_us=216.0, prefill_us=6699.0),
+    "fp8": Speed(decode_us=443.1, prefill_us=23205.4),
 }
 
 

@@ -20,7 +20,7 @@
 #   perf-80b-fp8    Qwen3-Next-80B-A3B shapes with fp8 experts on the CPU: decode vs roofline (issue 8)
 #   int8-engine     int4 on int8 activations: kernels in cache, engine decode at 30B shapes vs bf16 activations
 #   int8-engine-g32 the same at group 32 (the 30B int4 checkpoint's)
-#   int8-prefetch   LK_Q4_PREFETCH sweep (0 / 256 / 512 / 1024 / 2048 bytes) of the int8-activation decode
+#   int8-prefetch   LK_Q4_PREFETCH sweep (LK_PREFETCH_SWEEP, default 0 256 512 1024 2048 0 bytes): int4, fp8, bf16
 #   int8-30b        30B int4 decode in vLLM, int8 activations vs bf16 activations (same run)
 #   int8-e2e        tiny int4 / GPTQ checkpoints: stock vs plugin on int8 activations, and on bf16 activations
 #   next-dump       Qwen3-Next: stock vs plugin, both scored against float32 here (fp32_reference_score.py,
@@ -71,8 +71,8 @@ case "${1:-}" in
       --group 32 --decode 1 --decode 4 --prefill 128 --no-torch -t 15 --json) > "$OUT/bench_int8_g32.json" 2> "$OUT/bench_int8_g32.log"
     tail -16 "$OUT/bench_int8_g32.log" ;;
   int8-prefetch)  # LK_Q4_PREFETCH sweep of the int8-activation decode (no vLLM needed)
-    for pf in 0 256 512 1024 2048 0; do
-      (cd /tmp && LK_Q4_PREFETCH=$pf python3 -m lvllm_cli bench moe -m qwen3-30b-a3b --dtype int4 --dtype bfloat16 \
+    for pf in ${LK_PREFETCH_SWEEP:-0 256 512 1024 2048 0}; do
+      (cd /tmp && LK_Q4_PREFETCH=$pf python3 -m lvllm_cli bench moe -m qwen3-30b-a3b --dtype int4 --dtype fp8 --dtype bfloat16 \
         --decode 1 --decode 4 --prefill 128 --no-torch -t 15 --json) > "$OUT/pf-$pf.json" 2> "$OUT/pf-$pf.log"
       echo "LK_Q4_PREFETCH=$pf"; grep -E "decode M=|prefill M=" -A1 "$OUT/pf-$pf.log" | tr -s ' ' | paste - - | cut -c1-160
     done ;;
