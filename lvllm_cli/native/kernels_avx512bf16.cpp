@@ -95,7 +95,7 @@ static inline __m512i f8_to_bf16(const uint8_t* p32, __m512i sub) {
 // the codes being read.  The hardware prefetchers alone left int4 decode
 // streaming ~20 % and fp8 ~30 % below bf16's rate on the GPU host's Xeon; 2 KB
 // ahead closed it (the sweep in PERFORMANCE, session 6).  LK_Q4_PREFETCH
-// overrides it (0: none), read once.
+// overrides it (rounded down to 128 bytes; 0: none), read once.
 static int q4_prefetch_bytes() {
   static const int v = [] {
     const char* e = std::getenv("LK_Q4_PREFETCH");
