@@ -104,6 +104,30 @@ static int q4_prefetch_bytes() {
   return v;
 }
 
+// The prefetch distance as a compile-time switch: call(PF, pf) with PF a
+// std::bool_constant, so the loop without prefetch stays as it was.
+template <class Call>
+inline void with_prefetch(Call call) {
+  const int pf = q4_prefetch_bytes();
+  if (pf)
+    call(std::true_type{}, pf);
+  else
+    call(std::false_type{}, 0);
+}
+
+// n tokens in the decode kernels' register tiles: 4 at a time, then 2, then
+// 1; call(MT, t) with MT a std::integral_constant.
+template <class Call>
+inline void token_tiles(int n, Call call) {
+  int t = 0;
+  for (; t + 4 <= n; t += 4) call(std::integral_constant<int, 4>{}, t);
+  if (t + 2 <= n) {
+    call(std::integral_constant<int, 2>{}, t);
+    t += 2;
+  }
+  if (t < n) call(std::integral_constant<int, 1>{}, t);
+}
+
 template <int MT, bool FP8, bool PF>
 void qdot(const uint16_t* x, size_t ldx, const uint8_t* p, int K, int G, float* y, int pf) {
   static const F8Lut f8;
@@ -175,9 +199,8 @@ void q8dot(const uint8_t* xq, size_t ldq, const uint8_t* p, int K, int G, float*
   const float* xs[MT];
   const int32_t* xb[MT];
   for (int t = 0; t < MT; ++t) {
-    uint8_t* row = const_cast<uint8_t*>(xq + t * ldq);
-    xs[t] = q8_scales(row, K);
-    xb[t] = q8_bias(row, K);
+    xs[t] = q8_scales(xq + t * ldq, K);
+    xb[t] = q8_bias(xq + t * ldq, K);
   }
   __m512 acc[MT][2];
   for (int t = 0; t < MT; ++t) acc[t][0] = acc[t][1] = _mm512_setzero_ps();
@@ -274,18 +297,11 @@ void dequant(const uint8_t* p, int K, int G, uint16_t* out) {
 template <bool FP8>
 void qdot_n(const void* xv, size_t ldx, int n, const uint8_t* p, int K, int G, float* y) {
   const uint16_t* x = static_cast<const uint16_t*>(xv);
-  const int pf = q4_prefetch_bytes();
-  auto run = [&](auto prefetch) {
-    constexpr bool PF = decltype(prefetch)::value;
-    int t = 0;
-    for (; t + 4 <= n; t += 4) qdot<4, FP8, PF>(x + t * ldx, ldx, p, K, G, y + t * 32, pf);
-    if (t + 2 <= n) { qdot<2, FP8, PF>(x + t * ldx, ldx, p, K, G, y + t * 32, pf); t += 2; }
-    if (t < n) qdot<1, FP8, PF>(x + t * ldx, ldx, p, K, G, y + t * 32, pf);
-  };
-  if (pf)
-    run(std::true_type{});
-  else
-    run(std::false_type{});
+  with_prefetch([&](auto prefetch, int pf) {
+    token_tiles(n, [&](auto tile, int t) {
+      qdot<decltype(tile)::value, FP8, decltype(prefetch)::value>(x + t * ldx, ldx, p, K, G, y + t * 32, pf);
+    });
+  });
 }
 
 const KernelSet kBf16{Isa::avx512_bf16,       "avx512_bf16",        DType::bf16,          DType::bf16,
@@ -319,20 +335,12 @@ void avx512bf16_dequant(WKind kind, const uint8_t* p, int K, int G, uint16_t* ou
     dequant<false>(p, K, G, out);
 }
 
-template <bool PF>
-void q8dot_n(const uint8_t* xq, size_t ldq, int n, const uint8_t* p, int K, int G, float* y, int pf) {
-  int t = 0;
-  for (; t + 4 <= n; t += 4) q8dot<4, PF>(xq + t * ldq, ldq, p, K, G, y + t * 32, pf);
-  if (t + 2 <= n) { q8dot<2, PF>(xq + t * ldq, ldq, p, K, G, y + t * 32, pf); t += 2; }
-  if (t < n) q8dot<1, PF>(xq + t * ldq, ldq, p, K, G, y + t * 32, pf);
-}
-
 void avx512vnni_q4_dot_q8(const uint8_t* xq, size_t ldq, int n, const uint8_t* p, int K, int G, float* y) {
-  const int pf = q4_prefetch_bytes();
-  if (pf)
-    q8dot_n<true>(xq, ldq, n, p, K, G, y, pf);
-  else
-    q8dot_n<false>(xq, ldq, n, p, K, G, y, 0);
+  with_prefetch([&](auto prefetch, int pf) {
+    token_tiles(n, [&](auto tile, int t) {
+      q8dot<decltype(tile)::value, decltype(prefetch)::value>(xq + t * ldq, ldq, p, K, G, y + t * 32, pf);
+    });
+  });
 }
 
 void avx512vnni_quantize_q8(const void* xv, int K, uint8_t* row) {

@@ -47,6 +47,8 @@ constexpr int Q8_BLOCK = 16;
 inline size_t q8_row_bytes(size_t K) { return K + (K / Q8_BLOCK) * 8; }
 inline float* q8_scales(uint8_t* row, size_t K) { return reinterpret_cast<float*>(row + K); }
 inline int32_t* q8_bias(uint8_t* row, size_t K) { return reinterpret_cast<int32_t*>(row + K + (K / Q8_BLOCK) * 4); }
+inline const float* q8_scales(const uint8_t* row, size_t K) { return q8_scales(const_cast<uint8_t*>(row), K); }
+inline const int32_t* q8_bias(const uint8_t* row, size_t K) { return q8_bias(const_cast<uint8_t*>(row), K); }
 
 // e4m3 ("fn": no infinities, 0x7f/0xff NaN) to float.
 inline float e4m3_to_f32(uint8_t v) {
