@@ -201,11 +201,8 @@ def _time_engine(lk, engine, name, dtype, group, cases, torch_us, bandwidth, l3_
     del probe_layer
     nl = layers_for(E * per_expert, l3_bytes, free_bytes)
     progress(f"{name} {dtype}: packing {nl} layers x {E * per_expert / 2**30:.2f} GiB for the engine")
-    layers = []
-    for i in range(nl):
-        layer = MoELayer.empty(E, H, I, kind, group_size=group, engine=engine, int8_activations=int8)
-        layer.fill_random(seed=i + 1, scale=1.0 / math.sqrt(H))
-        layers.append(layer)
+    layers = _fill_random([MoELayer.empty(E, H, I, kind, group_size=group, engine=engine, int8_activations=int8)
+                           for _ in range(nl)], H)
     rows = []
     for mode, t in cases:
         x = torch.randn(t, H).to(torch.bfloat16)
